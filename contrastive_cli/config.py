@@ -1,0 +1,169 @@
+"""Typed schemas for the plain sections of the configs, and the checks Hydra does not make:
+unknown keys anywhere (also those added with `+`), value ranges, and `_target_` keyword names."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import UserError, check, positive
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRI_STATE = ("auto", "true", "false")
+
+
+@dataclass
+class TrainerCfg:
+    epochs: int = 30
+    batch_size: int = 256
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
+    workers: int = 2
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 10
+    resume: str | None = None
+    knn_monitor: bool = True
+
+    def __post_init__(self) -> None:
+        positive("trainer.epochs", self.epochs, integer=True)
+        positive("trainer.batch_size", self.batch_size, integer=True)
+        positive("trainer.workers", self.workers, integer=True, strict=False)
+        positive("trainer.log_every", self.log_every, integer=True)
+        positive("trainer.checkpoint_every", self.checkpoint_every, integer=True)
+        check(self.precision in PRECISIONS, f"trainer.precision={self.precision}: choose from {', '.join(PRECISIONS)}")
+        self.channels_last = str(self.channels_last).lower()
+        check(self.channels_last in TRI_STATE, f"trainer.channels_last={self.channels_last}: choose from {', '.join(TRI_STATE)}")
+        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+              f"trainer.device={self.device}: choose from auto, cpu, cuda, cuda:N")
+
+
+@dataclass
+class ScheduleCfg:
+    warmup_epochs: float = 2.0
+    final_lr_ratio: float = 0.0
+    scale_lr: bool = False
+
+    def __post_init__(self) -> None:
+        positive("schedule.warmup_epochs", self.warmup_epochs, strict=False)
+        check(0.0 <= self.final_lr_ratio <= 1.0, f"schedule.final_lr_ratio={self.final_lr_ratio}: must be in [0, 1]")
+
+
+@dataclass
+class PathsCfg:
+    data_dir: str = "data"
+
+
+@dataclass
+class EvalCfg:
+    device: str = "auto"
+    batch_size: int = 512
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    tsne_samples: int = 2000
+    linear_max_iter: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive("eval.batch_size", self.batch_size, integer=True)
+        positive("eval.knn_k", self.knn_k, integer=True)
+        positive("eval.knn_temperature", self.knn_temperature)
+        positive("eval.tsne_samples", self.tsne_samples, integer=True, strict=False)
+        positive("eval.linear_max_iter", self.linear_max_iter, integer=True)
+
+
+@dataclass
+class EvalPathsCfg:
+    data_dir: str | None = None  # None: the data folder stored in the checkpoint
+
+
+DATASET_KEYS = ("name", "image_size", "channels", "num_classes", "mean", "std", "source")
+TRAIN_KEYS = ("method", "encoder", "dataset", "augmentation", "optimizer", "trainer", "schedule", "paths")
+EVAL_KEYS = ("checkpoint", "eval", "paths")
+
+
+def typed(section: str, node, schema: type):
+    """Merge a config section onto its dataclass schema: wrong types, unknown keys and ranges fail
+    here with one line each."""
+    allowed = ", ".join(f.name for f in fields(schema))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = f"{section}.{e.full_key}" if getattr(e, "full_key", None) else section
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        if "not in" in msg or "ConfigKeyError" in type(e).__name__:
+            raise UserError(f"{key}: unknown key; allowed: {allowed}") from None
+        raise UserError(f"{key}: {msg}") from None
+
+
+def unknown_top_keys(cfg: DictConfig, allowed: tuple[str, ...]) -> None:
+    extra = [k for k in cfg if k not in allowed and k != "hydra"]
+    check(not extra, f"{extra[0] if extra else ''}: unknown key; top-level keys are {', '.join(allowed)}")
+
+
+def check_target_keys(node, path: str) -> None:
+    """Every key of a `_target_` node must be a keyword of the target (recursively)."""
+    if not isinstance(node, DictConfig):
+        return
+    if "_target_" in node:
+        try:
+            obj = get_object(node._target_)
+        except Exception:
+            raise UserError(f"{path}._target_={node._target_}: cannot be imported") from None
+        sig = inspect.signature(obj)
+        params = sig.parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            for k in node:
+                if not str(k).startswith("_") and k not in params:
+                    allowed = ", ".join(p for p in params if p not in ("self", "params", "encoder"))
+                    raise UserError(f"{path}.{k}: unknown key; allowed: {allowed}")
+    for k in node:
+        if not str(k).startswith("_") and OmegaConf.is_dict(node._get_node(k)):
+            check_target_keys(node[k], f"{path}.{k}")
+
+
+def validate_train(cfg: DictConfig) -> tuple[TrainerCfg, ScheduleCfg]:
+    unknown_top_keys(cfg, TRAIN_KEYS)
+    for group in ("method", "encoder", "augmentation", "optimizer"):
+        check("_target_" in cfg[group], f"{group}: needs a _target_")
+        check_target_keys(cfg[group], group)
+    extra = [k for k in cfg.dataset if k not in DATASET_KEYS]
+    check(not extra, f"dataset.{extra[0] if extra else ''}: unknown key; allowed: {', '.join(DATASET_KEYS)}")
+    check_target_keys(cfg.dataset.source, "dataset.source")
+    ds = cfg.dataset
+    positive("dataset.image_size", ds.image_size, integer=True, minimum=3)
+    positive("dataset.channels", ds.channels, integer=True)
+    check(len(ds.mean) == ds.channels == len(ds.std),
+          f"dataset.mean/std: need {ds.channels} value(s) each, one per channel")
+    typed("paths", cfg.paths, PathsCfg)
+    return typed("trainer", cfg.trainer, TrainerCfg), typed("schedule", cfg.schedule, ScheduleCfg)
+
+
+def validate_eval(cfg: DictConfig) -> tuple[EvalCfg, EvalPathsCfg]:
+    unknown_top_keys(cfg, EVAL_KEYS)
+    check(isinstance(cfg.checkpoint, str) and cfg.checkpoint != "",
+          f"checkpoint={cfg.checkpoint}: give the path of a checkpoint file")
+    return typed("eval", cfg.eval, EvalCfg), typed("paths", cfg.paths, EvalPathsCfg)
+
+
+def build(node, what: str, **kwargs):
+    """hydra.utils.instantiate, with a UserError raised inside the target passed through as is and
+    any other construction error turned into one line naming the config group."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        reason = str(cause or e).strip().splitlines()[0] if str(cause or e).strip() else type(cause).__name__
+        raise UserError(f"{what}: {reason}") from None

@@ -1,0 +1,251 @@
+"""Datasets as uint8 image tensors (N, C, H, W) plus labels, and the batch iterator the loop uses.
+
+Small datasets are held in memory once; augmentation happens later, on the device, in batch.
+`imagefolder` stays lazy and goes through DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import UserError
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one uint8 tensor (N, C, H, W); labels are -1 where unknown."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str]):
+        assert images.dtype == torch.uint8 and images.ndim == 4, images.shape
+        self.images, self.labels, self.classes = images, labels.long(), classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+class FolderImages(Dataset):
+    """Lazy images from files, decoded and resized to a fixed square size in the worker."""
+
+    def __init__(self, paths: list[str], labels: list[int], classes: list[str], size: int):
+        self.paths, self.labels, self.classes, self.size = paths, torch.tensor(labels), classes, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from torchvision.io import ImageReadMode, decode_image, read_file
+        from torchvision.transforms.v2.functional import resize
+
+        img = decode_image(read_file(self.paths[i]), mode=ImageReadMode.RGB)
+        img = resize(img, [self.size, self.size], antialias=True)
+        return img, int(self.labels[i])
+
+
+@dataclass
+class Splits:
+    """`train` is what pretraining sees (may be unlabeled); k-NN / probe fit on `eval_train`."""
+
+    train: Dataset
+    test: Dataset
+    eval_train: Dataset | None = None
+
+    def __post_init__(self) -> None:
+        if self.eval_train is None:
+            self.eval_train = self.train
+
+
+def iterate_batches(
+    data: Dataset, batch_size: int, seed: int, epoch: int, workers: int = 0, pin: bool = False,
+    shuffle: bool = True, drop_last: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (uint8 images, labels) batches; the order depends only on (seed, epoch), so a resumed
+    run sees the same batches as a straight one."""
+    n = len(data)
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    else:
+        order = torch.arange(n)
+    if isinstance(data, TensorImages):
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            idx = order[start : start + batch_size]
+            x, y = data.images[idx], data.labels[idx]
+            yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+        return
+    loader = DataLoader(
+        data, batch_size=batch_size, sampler=order.tolist(), num_workers=workers,
+        pin_memory=pin, drop_last=drop_last, persistent_workers=False,
+    )
+    yield from loader
+
+
+def num_batches(data: Dataset, batch_size: int, drop_last: bool = True) -> int:
+    n = len(data)
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+# ---------------------------------------------------------------------------------------- loaders
+
+def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < test_fraction < 1.0:
+        raise UserError(f"test_fraction={test_fraction}: must be between 0 and 1 (exclusive)")
+    idx = np.arange(len(labels))
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=labels)
+    return np.sort(tr), np.sort(te)
+
+
+def load_digits(image_size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> Splits:
+    """scikit-learn's 8x8 digits (values 0..16), scaled to uint8 and upscaled bilinearly."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    y = torch.from_numpy(d.target)
+    tr, te = _stratified_split(d.target, test_fraction, seed)
+    classes = [str(i) for i in range(10)]
+    return Splits(TensorImages(x[tr], y[tr], classes), TensorImages(x[te], y[te], classes))
+
+
+_MNIST = {
+    "mnist": ("MNIST", [str(i) for i in range(10)]),
+    "fashion_mnist": ("FashionMNIST", ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]),
+}
+_IDX_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path}: not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise UserError(f"{path}: truncated IDX file ({data.size} of {int(np.prod(shape))} bytes)")
+    return data.reshape(shape)
+
+
+def _find_idx(dirs: list[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for name in (stem, stem + ".gz"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def load_mnist(variant: str, root: str, download: bool = False, system_dir: str | None = None) -> Splits:
+    """MNIST / Fashion-MNIST from torchvision's layout (root/<Name>/raw), or a system folder of IDX files."""
+    if variant not in _MNIST:
+        raise UserError(f"variant={variant}: choose from {', '.join(_MNIST)}")
+    folder, classes = _MNIST[variant]
+    raw = Path(root) / folder / "raw"
+    dirs = [raw] + ([Path(system_dir)] if system_dir else [])
+    if download and _find_idx(dirs, _IDX_FILES[True][0]) is None:
+        from torchvision.datasets import MNIST, FashionMNIST
+
+        (FashionMNIST if variant == "fashion_mnist" else MNIST)(root, train=True, download=True)
+    out = []
+    for train in (True, False):
+        files = [_find_idx(dirs, stem) for stem in _IDX_FILES[train]]
+        if None in files:
+            missing = ", ".join(s for s, f in zip(_IDX_FILES[train], files, strict=True) if f is None)
+            raise UserError(
+                f"dataset {variant} not found: place {missing} (.gz or not) in {raw}"
+                + (f" or {system_dir}" if system_dir else "")
+                + " (or set dataset.source.download=true where the network allows)"
+            )
+        x, y = read_idx(files[0]), read_idx(files[1])
+        out.append(TensorImages(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)), classes))
+    return Splits(out[0], out[1])
+
+
+def _torchvision_dataset(cls, name: str, where: str, **kwargs):
+    try:
+        return cls(**kwargs)
+    except RuntimeError as e:
+        if "not found" in str(e).lower() or "corrupted" in str(e).lower():
+            raise UserError(
+                f"dataset {name} not found: place {where} under {kwargs['root']} "
+                "(or set dataset.source.download=true where the network allows)"
+            ) from None
+        raise
+
+
+def load_cifar(variant: str, root: str, download: bool = False) -> Splits:
+    """CIFAR-10 / CIFAR-100 through torchvision (the python pickle batches)."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    table = {"cifar10": (CIFAR10, "cifar-10-batches-py/ (from cifar-10-python.tar.gz)"),
+             "cifar100": (CIFAR100, "cifar-100-python/ (from cifar-100-python.tar.gz)")}
+    if variant not in table:
+        raise UserError(f"variant={variant}: choose from {', '.join(table)}")
+    cls, where = table[variant]
+    sets = []
+    for train in (True, False):
+        ds = _torchvision_dataset(cls, variant, where, root=root, train=train, download=download)
+        x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        sets.append(TensorImages(x, torch.tensor(ds.targets), list(ds.classes)))
+    return Splits(sets[0], sets[1])
+
+
+def load_stl10(root: str, download: bool = False, train_split: str = "unlabeled") -> Splits:
+    """STL-10 through torchvision: pretrain on `train_split`, evaluate train -> test."""
+    from torchvision.datasets import STL10
+
+    allowed = ("unlabeled", "train", "train+unlabeled")
+    if train_split not in allowed:
+        raise UserError(f"train_split={train_split}: choose from {', '.join(allowed)}")
+    where = "stl10_binary/ (from stl10_binary.tar.gz)"
+
+    def split(name: str) -> TensorImages:
+        ds = _torchvision_dataset(STL10, "stl10", where, root=root, split=name, download=download)
+        return TensorImages(torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)), list(ds.classes))
+
+    labeled, test = split("train"), split("test")
+    train = labeled if train_split == "train" else split(train_split)
+    return Splits(train, test, eval_train=labeled)
+
+
+def load_imagefolder(root: str, image_size: int = 64, test_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """A folder of class sub-folders; a seeded stratified split gives the evaluation's test set."""
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(root):
+        raise UserError(f"dataset.source.root={root}: not a folder (expected root/<class>/<image files>)")
+    try:
+        index = ImageFolder(root)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"dataset.source.root={root}: {str(e).splitlines()[0]}") from None
+    labels = np.array(index.targets)
+    counts = np.bincount(labels)
+    if len(counts) < 2 or counts.min() < 2:
+        raise UserError(f"dataset.source.root={root}: need at least 2 classes with 2 images each")
+    tr, te = _stratified_split(labels, test_fraction, seed)
+    paths = [p for p, _ in index.samples]
+
+    def subset(ix: np.ndarray) -> FolderImages:
+        return FolderImages([paths[i] for i in ix], labels[ix].tolist(), list(index.classes), image_size)
+
+    return Splits(subset(tr), subset(te))

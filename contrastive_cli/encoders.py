@@ -1,0 +1,58 @@
+"""Encoders map images to feature vectors; each exposes `feature_dim`."""
+
+from __future__ import annotations
+
+import torchvision
+from torch import Tensor, nn
+
+from .errors import UserError, positive
+
+RESNETS = ("resnet18", "resnet34", "resnet50")
+
+
+def _block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class SmallCNN(nn.Module):
+    """Four conv-BN-ReLU blocks (width, 2w, 4w, 8w), pooling after the first three (a 32 px input is
+    seen at 32, 16, 8 and 4 px: cheap enough for a CPU), then global average pooling."""
+
+    def __init__(self, in_channels: int = 3, width: int = 32):
+        super().__init__()
+        positive("encoder.in_channels", in_channels, integer=True)
+        positive("encoder.width", width, integer=True)
+        w = width
+        self.net = nn.Sequential(
+            _block(in_channels, w, pool=True), _block(w, 2 * w, pool=True),
+            _block(2 * w, 4 * w, pool=True), _block(4 * w, 8 * w, pool=False),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.feature_dim = 8 * w
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def resnet(arch: str = "resnet18", in_channels: int = 3, image_size: int = 224, small_stem="auto") -> nn.Module:
+    """A torchvision ResNet without its classifier. The small-image stem (3x3 conv1, stride 1, no
+    max-pool; SimCLR appendix B.9) keeps 32 px inputs from shrinking to 1x1 before the last stage."""
+    if arch not in RESNETS:
+        raise UserError(f"encoder.arch={arch}: choose from {', '.join(RESNETS)}")
+    positive("encoder.in_channels", in_channels, integer=True)
+    if small_stem == "auto":
+        small_stem = image_size <= 64
+    elif not isinstance(small_stem, bool):
+        raise UserError(f"encoder.small_stem={small_stem}: choose from auto, true, false")
+    model = getattr(torchvision.models, arch)(weights=None)
+    if small_stem:
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    model.feature_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model

@@ -1,0 +1,154 @@
+"""Judge an encoder: weighted k-NN, majority 5-NN, a linear probe and a t-SNE picture."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .augment import normalize
+from .data import iterate_batches, num_batches
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, data, mean, std, device: torch.device, batch_size: int = 512,
+                     desc: str = "features") -> tuple[Tensor, Tensor]:
+    """Encoder features (before any projector) of every image, in order; float32 on the CPU."""
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    batches = iterate_batches(data, batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
+    for x, y in tqdm(batches, total=num_batches(data, batch_size, drop_last=False), desc=desc, leave=False):
+        feats.append(encoder(normalize(x.to(device), mean, std)).float().cpu())
+        labels.append(y)
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(train_f: Tensor, train_y: Tensor, test_f: Tensor, num_classes: int, k: int = 200,
+                temperature: float = 0.1, weighted: bool = True, chunk: int = 1024) -> Tensor:
+    """k-NN on cosine similarity. Weighted: each neighbour votes exp(sim / T) (Wu et al. 2018, the
+    usual SSL monitor); otherwise one vote each. Chunked so 10k x 60k never sits in memory at once."""
+    k = min(k, len(train_f))
+    train_f = F.normalize(train_f, dim=1)
+    preds = []
+    for start in range(0, len(test_f), chunk):
+        sim = F.normalize(test_f[start : start + chunk], dim=1) @ train_f.t()  # chunk x N_train
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = (top_sim / temperature).exp() if weighted else torch.ones_like(top_sim)
+        scores = torch.zeros(len(sim), num_classes, device=sim.device)
+        scores.scatter_add_(1, train_y[top_idx], votes)
+        preds.append(scores.argmax(1))
+    return torch.cat(preds)
+
+
+def knn_top1(train_f, train_y, test_f, test_y, num_classes: int, k: int = 200, temperature: float = 0.1,
+             weighted: bool = True) -> float:
+    pred = knn_predict(train_f, train_y, test_f, num_classes, k, temperature, weighted)
+    return float((pred == test_y).float().mean())
+
+
+def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, max_iter: int = 1000,
+                 seed: int = 0) -> float:
+    """Logistic regression on frozen, standardized features: fit on train, score on test."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))
+    clf.fit(train_f.numpy(), train_y.numpy())
+    return float(clf.score(test_f.numpy(), test_y.numpy()))
+
+
+def tsne_png(feats: Tensor, labels: Tensor, classes: list[str], path, samples: int = 2000, seed: int = 0,
+             title: str = "") -> int:
+    """t-SNE of up to `samples` points (a seeded subset), coloured by class, with a legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    n = min(samples, len(feats))
+    idx = np.random.default_rng(seed).permutation(len(feats))[:n]
+    x, y = feats[idx].numpy(), labels[idx].numpy()
+    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (n - 1) / 3), random_state=seed).fit_transform(x)
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for c in np.unique(y):
+        m = y == c
+        name = classes[c] if 0 <= c < len(classes) else str(c)
+        ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cmap(int(c) % cmap.N), label=name)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title or f"t-SNE of {n} test embeddings")
+    if len(np.unique(y)) <= 20:
+        ax.legend(markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return n
+
+
+def loss_png(history: list[dict], path, title: str = "") -> None:
+    """The training loss per epoch, as a picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    ax.plot([r["epoch"] for r in history], [r["loss"] for r in history], marker="o", ms=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_evaluation(cfg, out_dir) -> dict:
+    """cl-eval: rebuild the encoder and data from the checkpoint's own config, then score it."""
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from . import checkpoint
+    from .config import build, validate_eval
+    from .train import build_model, resolve_device
+
+    e, paths = validate_eval(cfg)
+    ckpt = checkpoint.load(cfg.checkpoint)
+    train_cfg = OmegaConf.create(ckpt["config"])
+    ds = train_cfg.dataset
+    # the stored config is resolved: move the data root only where it came from paths.data_dir
+    if paths.data_dir is not None and ds.source.get("root") == train_cfg.paths.data_dir:
+        ds.source.root = paths.data_dir
+    device = resolve_device(e.device)
+    encoder, _ = build_model(train_cfg)
+    encoder.load_state_dict(ckpt["encoder"])
+    encoder.to(device)
+    splits = build(ds.source, "dataset")
+    tr_f, tr_y = extract_features(encoder, splits.eval_train, ds.mean, ds.std, device, e.batch_size, "train features")
+    te_f, te_y = extract_features(encoder, splits.test, ds.mean, ds.std, device, e.batch_size, "test features")
+    classes = list(getattr(splits.test, "classes", []))
+    n_cls = max(len(classes), int(max(tr_y.max(), te_y.max())) + 1)
+    out = Path(out_dir)
+    result = {
+        "checkpoint": str(Path(cfg.checkpoint).resolve()), "dataset": ds.name,
+        "method": train_cfg.method._target_, "epoch": ckpt["epoch"],
+        "n_train": len(tr_f), "n_test": len(te_f), "feature_dim": int(tr_f.shape[1]),
+        "knn_top1": knn_top1(tr_f, tr_y, te_f, te_y, n_cls, e.knn_k, e.knn_temperature),
+        "knn5_top1": knn_top1(tr_f, tr_y, te_f, te_y, n_cls, k=5, weighted=False),
+        "linear_top1": linear_probe(tr_f, tr_y, te_f, te_y, e.linear_max_iter, e.seed),
+    }
+    if e.tsne_samples > 1:
+        result["tsne_points"] = tsne_png(te_f, te_y, classes, out / "tsne.png", e.tsne_samples, e.seed,
+                                         f"t-SNE of {ds.name} test features ({result['method'].rsplit('.', 1)[-1]})")
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,1 @@
+"""One method per file: its heads, its loss call, its forward. See base.Method for the contract."""

@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from contrastive_cli.losses import nt_xent
+
+
+def nt_xent_reference(z1, z2, t):
+    """Loop-by-loop transcription of SimCLR's algorithm 1."""
+    z = [F.normalize(v, dim=0) for v in torch.cat([z1, z2])]
+    n = len(z1)
+
+    def l(i, j):
+        num = math.exp(float(z[i] @ z[j]) / t)
+        den = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(2 * n) if k != i)
+        return -math.log(num / den)
+
+    return sum(l(k, k + n) + l(k + n, k) for k in range(n)) / (2 * n)
+
+
+def test_nt_xent_hand_checked():
+    # views a0=(1,0) a1=(0,1) | b0=(0.6,0.8) b1=(0,1); T=0.5. Positive pairs: (a0,b0), (a1,b1).
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    e = math.exp
+    # each row: -pos/T + log(sum over the 3 other views of exp(sim/T))
+    a0 = -1.2 + math.log(e(0.0) + e(1.2) + e(0.0))  # others: a1 0, b0 0.6, b1 0
+    a1 = -2.0 + math.log(e(0.0) + e(1.6) + e(2.0))  # others: a0 0, b0 0.8, b1 1
+    b0 = -1.2 + math.log(e(1.2) + e(1.6) + e(1.6))  # others: a0 .6, a1 .8, b1 .8
+    b1 = -2.0 + math.log(e(0.0) + e(2.0) + e(1.6))  # others: a0 0, a1 1, b0 .8
+    expected = (a0 + a1 + b0 + b1) / 4
+    assert nt_xent(z1, z2, 0.5).item() == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(0.7589, abs=1e-4)  # worked by hand: (0.4715 + 0.5910 + 1.3822 + 0.5910) / 4
+
+
+def test_nt_xent_matches_reference_and_is_scale_free():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    ref = nt_xent_reference(z1, z2, 0.3)
+    assert nt_xent(z1, z2, 0.3).item() == pytest.approx(ref, rel=1e-5)
+    assert nt_xent(3 * z1, 0.5 * z2, 0.3).item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_nt_xent_positive_is_the_other_view_not_the_sample():
+    eye = torch.eye(4)
+    # identical views of orthogonal samples: the positive (view i+N) is a perfect match
+    low = nt_xent(eye, eye.clone(), 0.05).item()
+    assert low < 1e-6
+    # the second view shuffled: the positive is now orthogonal, the loss is large
+    high = nt_xent(eye, eye[[1, 2, 3, 0]], 0.05).item()
+    assert high > 10
+
+
+def test_nt_xent_gradient_flows_to_both_views():
+    z1 = torch.randn(4, 3, requires_grad=True)
+    z2 = torch.randn(4, 3, requires_grad=True)
+    nt_xent(z1, z2, 0.5).backward()
+    assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
