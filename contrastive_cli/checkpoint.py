@@ -32,20 +32,20 @@ def save_atomic(payload: dict, path: str | Path) -> None:
         raise
 
 
-def load(path: str | Path) -> dict:
+def load(path: str | Path, key: str = "checkpoint") -> dict:
     """Load a checkpoint written by cl-train, or raise a one-line UserError saying what is wrong."""
     p = Path(str(path)).expanduser()
     if not p.exists():
-        raise UserError(f"checkpoint={path}: no such file (expected <run dir>/checkpoints/last.pt)")
+        raise UserError(f"{key}={path}: no such file (expected <run dir>/checkpoints/last.pt)")
     if not p.is_file():
-        raise UserError(f"checkpoint={path}: is a folder, not a checkpoint file (try {p / 'checkpoints' / 'last.pt'})")
+        raise UserError(f"{key}={path}: is a folder, not a checkpoint file (try {p / 'checkpoints' / 'last.pt'})")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for torn or foreign files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint={path}: not a readable cl-train checkpoint (truncated or foreign file: {reason[:120]})") from None
+        raise UserError(f"{key}={path}: not a readable cl-train checkpoint (truncated or foreign file: {reason[:120]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UserError(f"checkpoint={path}: not a cl-train checkpoint (format {FORMAT} expected)")
+        raise UserError(f"{key}={path}: not a cl-train checkpoint (format {FORMAT} expected)")
     return ckpt
 
 

@@ -144,7 +144,21 @@ def validate_train(cfg: DictConfig) -> tuple[TrainerCfg, ScheduleCfg]:
     check(len(ds.mean) == ds.channels == len(ds.std),
           f"dataset.mean/std: need {ds.channels} value(s) each, one per channel")
     typed("paths", cfg.paths, PathsCfg)
-    return typed("trainer", cfg.trainer, TrainerCfg), typed("schedule", cfg.schedule, ScheduleCfg)
+    positive("optimizer.lr", cfg.optimizer.get("lr"))
+    trainer, schedule = typed("trainer", cfg.trainer, TrainerCfg), typed("schedule", cfg.schedule, ScheduleCfg)
+    _dry_build(cfg)
+    return trainer, schedule
+
+
+def _dry_build(cfg: DictConfig) -> None:
+    """Build the method on a stand-in encoder, and the augmentation, so their range checks run
+    before any data is loaded (and before any job of a sweep starts)."""
+    import torch
+
+    stand_in = torch.nn.Linear(1, 8)
+    stand_in.feature_dim = 8
+    build(cfg.method, "method")(encoder=stand_in)
+    build(cfg.augmentation, "augmentation")
 
 
 def validate_eval(cfg: DictConfig) -> tuple[EvalCfg, EvalPathsCfg]:

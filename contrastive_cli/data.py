@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +45,12 @@ class FolderImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from torchvision.io import ImageReadMode, decode_image, read_file
-        from torchvision.transforms.v2.functional import resize
+        from PIL import Image
 
-        img = decode_image(read_file(self.paths[i]), mode=ImageReadMode.RGB)
-        img = resize(img, [self.size, self.size], antialias=True)
-        return img, int(self.labels[i])
+        with Image.open(self.paths[i]) as img:
+            img = img.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+            x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+        return x, int(self.labels[i])
 
 
 @dataclass
@@ -135,15 +136,23 @@ _IDX_FILES = {
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (the MNIST format), gzipped or not."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:  # a cut-off .gz raises EOFError; a bad one OSError
+        raise UserError(f"{path}: truncated or corrupt file ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise UserError(f"{path}: not an unsigned-byte IDX file")
     ndim = raw[3]
+    offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise UserError(f"{path}: truncated IDX file (header needs {offset} bytes, file has {len(raw)})")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise UserError(f"{path}: truncated IDX file ({data.size} of {int(np.prod(shape))} bytes)")
+    data = np.frombuffer(raw, dtype=np.uint8, offset=offset)
+    expected = int(np.prod(shape))
+    if data.size != expected:
+        kind = "truncated" if data.size < expected else "over-long"
+        raise UserError(f"{path}: {kind} IDX file ({data.size} of {expected} bytes)")
     return data.reshape(shape)
 
 
@@ -210,6 +219,9 @@ def load_cifar(variant: str, root: str, download: bool = False) -> Splits:
     return Splits(sets[0], sets[1])
 
 
+_STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+
+
 def load_stl10(root: str, download: bool = False, train_split: str = "unlabeled") -> Splits:
     """STL-10 through torchvision: pretrain on `train_split`, evaluate train -> test."""
     from torchvision.datasets import STL10
@@ -221,7 +233,8 @@ def load_stl10(root: str, download: bool = False, train_split: str = "unlabeled"
 
     def split(name: str) -> TensorImages:
         ds = _torchvision_dataset(STL10, "stl10", where, root=root, split=name, download=download)
-        return TensorImages(torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)), list(ds.classes))
+        classes = list(getattr(ds, "classes", None) or _STL10_CLASSES)  # torchvision sets it only with class_names.txt
+        return TensorImages(torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)), classes)
 
     labeled, test = split("train"), split("test")
     train = labeled if train_split == "train" else split(train_split)

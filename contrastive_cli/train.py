@@ -53,7 +53,7 @@ def build_model(cfg: DictConfig):
 
 def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     t, sched = validate_train(cfg)
-    resume = checkpoint.load(t.resume) if t.resume else None  # a bad path fails before any work
+    resume = checkpoint.load(t.resume, "trainer.resume") if t.resume else None  # a bad path fails before any work
     device = resolve_device(t.device)
     prec = resolve_precision(t, device)
     seed_everything(t.seed)
@@ -88,6 +88,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("training %s on %s (%d images, %d steps/epoch) on %s, precision %s; run dir %s",
              cfg.method._target_.rsplit(".", 1)[-1], cfg.dataset.name, len(train), steps, device,
              prec.dtype or "fp32", run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
     state = fit(method, optimizer, scheduler, scaler, augment, train, epochs=t.epochs, batch_size=t.batch_size,
                 seed=t.seed, workers=t.workers, log_every=t.log_every, checkpoint_every=t.checkpoint_every,

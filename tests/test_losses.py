@@ -12,12 +12,12 @@ def nt_xent_reference(z1, z2, t):
     z = [F.normalize(v, dim=0) for v in torch.cat([z1, z2])]
     n = len(z1)
 
-    def l(i, j):
+    def pair_loss(i, j):
         num = math.exp(float(z[i] @ z[j]) / t)
         den = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(2 * n) if k != i)
         return -math.log(num / den)
 
-    return sum(l(k, k + n) + l(k + n, k) for k in range(n)) / (2 * n)
+    return sum(pair_loss(k, k + n) + pair_loss(k + n, k) for k in range(n)) / (2 * n)
 
 
 def test_nt_xent_hand_checked():
