@@ -31,6 +31,8 @@ class TrainerCfg:
     checkpoint_every: int = 10
     resume: str | None = None
     knn_monitor: bool = True
+    collapse_ratio: float = 0.1
+    collapse_patience: int = 2
 
     def __post_init__(self) -> None:
         positive("trainer.epochs", self.epochs, integer=True)
@@ -38,6 +40,8 @@ class TrainerCfg:
         positive("trainer.workers", self.workers, integer=True, strict=False)
         positive("trainer.log_every", self.log_every, integer=True)
         positive("trainer.checkpoint_every", self.checkpoint_every, integer=True)
+        positive("trainer.collapse_ratio", self.collapse_ratio, strict=False)
+        positive("trainer.collapse_patience", self.collapse_patience, integer=True)
         check(self.precision in PRECISIONS, f"trainer.precision={self.precision}: choose from {', '.join(PRECISIONS)}")
         self.channels_last = str(self.channels_last).lower()
         check(self.channels_last in TRI_STATE, f"trainer.channels_last={self.channels_last}: choose from {', '.join(TRI_STATE)}")
@@ -146,18 +150,18 @@ def validate_train(cfg: DictConfig) -> tuple[TrainerCfg, ScheduleCfg]:
     typed("paths", cfg.paths, PathsCfg)
     positive("optimizer.lr", cfg.optimizer.get("lr"))
     trainer, schedule = typed("trainer", cfg.trainer, TrainerCfg), typed("schedule", cfg.schedule, ScheduleCfg)
-    _dry_build(cfg)
+    _dry_build(cfg, trainer.batch_size)
     return trainer, schedule
 
 
-def _dry_build(cfg: DictConfig) -> None:
+def _dry_build(cfg: DictConfig, batch_size: int) -> None:
     """Build the method on a stand-in encoder, and the augmentation, so their range checks run
     before any data is loaded (and before any job of a sweep starts)."""
     import torch
 
     stand_in = torch.nn.Linear(1, 8)
     stand_in.feature_dim = 8
-    build(cfg.method, "method")(encoder=stand_in)
+    build(cfg.method, "method")(encoder=stand_in).check_batch_size(batch_size)
     build(cfg.augmentation, "augmentation")
 
 

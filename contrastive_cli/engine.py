@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import checkpoint
@@ -22,7 +23,38 @@ from .methods.base import Method
 
 log = logging.getLogger(__name__)
 
-METRIC_FIELDS = ("epoch", "step", "loss", "lr", "time")
+METRIC_FIELDS = ("epoch", "step", "loss", "lr", "time", "emb_std", "neg_cos")
+
+
+def collapse_stats(z1: Tensor, z2: Tensor) -> Tensor:
+    """[std of the L2-normalized embeddings per dimension, averaged over dimensions (about 1/sqrt(d)
+    when healthy, 0 when collapsed); mean cosine similarity between views of different images]."""
+    a, b = F.normalize(z1.detach().float(), dim=1), F.normalize(z2.detach().float(), dim=1)
+    std = torch.cat([a, b]).std(0).mean()
+    sim = a @ b.t()
+    n = len(a)
+    neg_cos = (sim.sum() - sim.diagonal().sum()) / max(1, n * (n - 1))
+    return torch.stack([std, neg_cos])
+
+
+@dataclass
+class CollapseMonitor:
+    """Warns once when std * sqrt(d) stays under `ratio` for `patience` epochs in a row."""
+
+    ratio: float = 0.1
+    patience: int = 2
+    low_epochs: int = 0
+    warned: bool = False
+
+    def update(self, std: float, dim: int, epoch: int) -> bool:
+        self.low_epochs = self.low_epochs + 1 if std * math.sqrt(dim) < self.ratio else 0
+        if self.low_epochs >= self.patience and not self.warned:
+            self.warned = True
+            log.warning(
+                "embeddings look collapsed since epoch %d (std %.4f < %.2f/sqrt(%d)); likely causes: lr too high "
+                "for the optimizer, EMA momentum too low, or no predictor (BYOL)", epoch - self.patience + 1, std,
+                self.ratio, dim)
+        return self.warned
 
 
 @dataclass
@@ -49,6 +81,7 @@ class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    monitor: CollapseMonitor = field(default_factory=CollapseMonitor)
 
 
 def fit(
@@ -65,7 +98,7 @@ def fit(
     start = time.perf_counter() - (state.history[-1]["time"] if state.history else 0.0)
     method.train()
     for epoch in range(state.epoch, epochs):
-        loss_sum = torch.zeros((), device=prec.device)
+        sums = torch.zeros(3, device=prec.device)  # loss, emb_std, neg_cos: read once per epoch
         bar = tqdm(iterate_batches(data, batch_size, seed, epoch, workers, pin=prec.device.type == "cuda"),
                    total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
         for x, y in bar:
@@ -83,20 +116,24 @@ def fit(
             scheduler.step()
             state.step += 1
             method.on_step_end(state.step / total)
-            loss_sum += out.loss.detach().float()
+            now = torch.cat([out.loss.detach().float().view(1), collapse_stats(out.z1, out.z2)])
+            sums += now
             if state.step % log_every == 0:  # the only host sync inside the epoch
-                loss = out.loss.item()
+                loss, std, neg_cos = now.tolist()
                 _check_finite(loss, epoch, state.step, ckpt_dir)
-                bar.set_postfix(step=state.step, loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
-        epoch_loss = (loss_sum / max(1, steps_per_epoch)).item()
+                bar.set_postfix(step=state.step, loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}",
+                                std=f"{std:.3f}", neg_cos=f"{neg_cos:.2f}")
+        epoch_loss, emb_std, neg_cos = (sums / max(1, steps_per_epoch)).tolist()
         _check_finite(epoch_loss, epoch, state.step, ckpt_dir)
         state.epoch = epoch + 1
         row = {"epoch": state.epoch, "step": state.step, "loss": epoch_loss,
-               "lr": optimizer.param_groups[0]["lr"], "time": round(time.perf_counter() - start, 3)}
+               "lr": optimizer.param_groups[0]["lr"], "time": round(time.perf_counter() - start, 3),
+               "emb_std": emb_std, "neg_cos": neg_cos}
         state.history.append(row)
         bar.close()
-        log.info("epoch %d/%d  step %d  loss %.4f  lr %.4g  %.1fs", state.epoch, epochs, state.step,
-                 epoch_loss, row["lr"], row["time"])
+        log.info("epoch %d/%d  step %d  loss %.4f  lr %.4g  emb_std %.4f  neg_cos %.3f  %.1fs", state.epoch, epochs,
+                 state.step, epoch_loss, row["lr"], emb_std, neg_cos, row["time"])
+        state.monitor.update(emb_std, out.z1.shape[1], state.epoch)
         write_metrics(state.history, run_dir / "metrics.csv")
         payload = {
             "config": config_yaml, "epoch": state.epoch, "step": state.step, "history": state.history,

@@ -19,3 +19,70 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     sim.fill_diagonal_(float("-inf"))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(sim, target)
+
+
+def moco_logits(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """Logits N x (1+K): column 0 is the positive q.k, columns 1..K the queue's negatives.
+    q, k: N x D and queue: K x D, all L2-normalized."""
+    l_pos = (q * k).sum(1, keepdim=True)  # N x 1
+    l_neg = q @ queue.t()  # N x K
+    return torch.cat([l_pos, l_neg], 1) / temperature
+
+
+def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """MoCo's InfoNCE: cross-entropy with the positive at index 0."""
+    logits = moco_logits(q.float(), k.float(), queue.float(), temperature)
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def byol_loss(p: Tensor, z: Tensor) -> Tensor:
+    """BYOL's regression loss 2 - 2 cos(p, z), averaged over the batch (z is the target, no gradient)."""
+    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=1)).mean()
+
+
+def pairwise_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Euclidean distances N x M, with a floor inside the square root so gradients stay finite."""
+    d2 = (a.unsqueeze(1) - b.unsqueeze(0)).pow(2).sum(-1)
+    return d2.clamp_min(1e-12).sqrt()
+
+
+def contrastive_margin(e1: Tensor, e2: Tensor, same: Tensor, margin: float) -> Tensor:
+    """Margin contrastive loss (Hadsell, Chopra & LeCun 2006) over all pairs (e1[i], e2[j]):
+    y * d^2 + (1 - y) * max(0, m - d)^2 with y = same[i, j]. Positive and negative terms are each
+    averaged over their own pairs and then added, so the N^2 - N negatives do not drown the N positives."""
+    d = pairwise_distance(e1.float(), e2.float())
+    pos = d.pow(2)[same]
+    neg = (margin - d).clamp_min(0).pow(2)[~same]
+    zero = d.new_zeros(())
+    return (pos.mean() if pos.numel() else zero) + (neg.mean() if neg.numel() else zero)
+
+
+def triplet(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float) -> Tensor:
+    """Triplet loss max(0, d(a, p) - d(a, n) + m), averaged over the anchors."""
+    d_ap = (anchor - positive).float().pow(2).sum(1).clamp_min(1e-12).sqrt()
+    d_an = (anchor - negative).float().pow(2).sum(1).clamp_min(1e-12).sqrt()
+    return (d_ap - d_an + margin).clamp_min(0).mean()
+
+
+MINING = ("random", "hard", "semi_hard")
+
+
+def mine_negatives(d_an: Tensor, d_ap: Tensor, valid: Tensor, strategy: str, margin: float,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Index of one negative per anchor among the candidates (columns of d_an, masked by `valid`).
+
+    random: uniform over the valid negatives. hard: the closest one. semi_hard (FaceNet, Schroff et
+    al. 2015): the closest negative farther than the positive, d(a,p) < d(a,n); where an anchor has
+    none, the farthest negative (the fallback of TensorFlow Addons' semi-hard triplet loss)."""
+    inf = torch.finfo(d_an.dtype).max
+    if strategy == "random":
+        scores = torch.rand(d_an.shape, generator=generator, device=d_an.device)
+        return scores.masked_fill(~valid, -1.0).argmax(1)
+    if strategy == "hard":
+        return d_an.masked_fill(~valid, inf).argmin(1)
+    if strategy == "semi_hard":
+        outside = valid & (d_an > d_ap.unsqueeze(1))
+        closest_outside = d_an.masked_fill(~outside, inf).argmin(1)
+        farthest = d_an.masked_fill(~valid, -inf).argmax(1)
+        return torch.where(outside.any(1), closest_outside, farthest)
+    raise ValueError(f"mining={strategy}: choose from {', '.join(MINING)}")

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint
 from .config import TrainerCfg, build, validate_train
 from .data import TensorImages, num_batches
-from .engine import Precision, TrainState, fit
+from .engine import CollapseMonitor, Precision, TrainState, fit
 from .errors import UserError, check
 from .evaluate import extract_features, knn_top1, loss_png
 from .optim import build_optimizer, warmup_cosine
@@ -58,8 +58,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     prec = resolve_precision(t, device)
     seed_everything(t.seed)
     encoder, method = build_model(cfg)
-    check(t.batch_size >= method.min_batch_size,
-          f"trainer.batch_size={t.batch_size}: {cfg.method._target_.rsplit('.', 1)[-1]} needs at least {method.min_batch_size}")
+    method.check_batch_size(t.batch_size)
     augment = build(cfg.augmentation, "augmentation")
     splits = build(cfg.dataset.source, "dataset")
     train = splits.train
@@ -79,7 +78,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler(device.type, enabled=prec.dtype == torch.float16)
     generator = torch.Generator(device=device).manual_seed(t.seed)
-    state = TrainState()
+    state = TrainState(monitor=CollapseMonitor(t.collapse_ratio, t.collapse_patience))
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if resume is not None:
         state = _restore(resume, method, optimizer, scheduler, scaler, generator, t)
@@ -97,6 +96,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     summary = {"method": cfg.method._target_, "dataset": cfg.dataset.name, "epochs": state.epoch,
                "steps": state.step, "final_loss": state.history[-1]["loss"] if state.history else None,
                "wall_time_s": round(time.perf_counter() - wall, 2),
+               "collapse_warning": state.monitor.warned,
                "checkpoint": str(run_dir / "checkpoints" / "last.pt")}
     if state.history:
         loss_png(state.history, run_dir / "loss.png", f"{summary['method'].rsplit('.', 1)[-1]} on {cfg.dataset.name}")
@@ -123,4 +123,5 @@ def _restore(ckpt: dict, method, optimizer, scheduler, scaler, generator, t: Tra
     checkpoint.set_rng_state(ckpt["rng"], generator)
     if ckpt["epoch"] >= t.epochs:
         log.info("checkpoint already has %d of %d epochs: nothing to train", ckpt["epoch"], t.epochs)
-    return TrainState(epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]))
+    monitor = CollapseMonitor(t.collapse_ratio, t.collapse_patience)
+    return TrainState(epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]), monitor=monitor)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
+
+from ..errors import UserError
 
 
 @dataclass
@@ -25,6 +28,10 @@ class Method(nn.Module, abc.ABC):
         super().__init__()
         self.encoder = encoder
 
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size < self.min_batch_size:
+            raise UserError(f"trainer.batch_size={batch_size}: {type(self).__name__} needs at least {self.min_batch_size}")
+
     def forward(self, x: Tensor) -> Tensor:
         return self.encoder(x)
 
@@ -34,3 +41,13 @@ class Method(nn.Module, abc.ABC):
 
     def on_step_end(self, progress: float) -> None:
         """Nothing to do for methods without a momentum encoder."""
+
+
+def pair_labels(labels: Tensor, supervised: bool, n: int, device: torch.device) -> Tensor:
+    """N x N, true where (view 1 of i, view 2 of j) is a positive pair: the same image, or with
+    `supervised` the same label."""
+    if not supervised:
+        return torch.eye(n, dtype=torch.bool, device=device)
+    if (labels < 0).any():
+        raise UserError("method.supervised=true needs labels, but this training split has unlabeled images")
+    return labels[:, None] == labels[None, :]
