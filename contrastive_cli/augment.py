@@ -188,11 +188,13 @@ class BatchAugment(nn.Module):
 
 
 class TwoViews(nn.Module):
-    """Two independently drawn views of each image in one pass over the batch."""
+    """Two independently drawn views of each image in one pass over the batch. `on_device`: run on
+    the training device (uint8 batches cross to it, the views are made there); false: on the CPU,
+    in the DataLoader workers."""
 
-    def __init__(self, view1: BatchAugment, view2: BatchAugment):
+    def __init__(self, view1: BatchAugment, view2: BatchAugment, on_device: bool = True):
         super().__init__()
-        self.view1, self.view2 = view1, view2
+        self.view1, self.view2, self.on_device = view1, view2, bool(on_device)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         return self.view1(x, generator), self.view2(x, generator)

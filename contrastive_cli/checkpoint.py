@@ -49,24 +49,23 @@ def load(path: str | Path, key: str = "checkpoint") -> dict:
     return ckpt
 
 
-def rng_state(augment_generator: torch.Generator) -> dict:
-    """Every RNG that touches a run: python, numpy (legacy global), torch CPU/CUDA, augmentation."""
+def rng_state() -> dict:
+    """The global RNGs: python, numpy (legacy global), torch CPU/CUDA. (The data order and the
+    augmentation's generator are seeded from (seed, epoch, rank), so they need no state.)"""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": {"key": torch.from_numpy(np_state[1].copy()), "pos": int(np_state[2])},
         "torch": torch.get_rng_state(),
-        "augment": augment_generator.get_state(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict, augment_generator: torch.Generator) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(("MT19937", state["numpy"]["key"].numpy(), state["numpy"]["pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
-    augment_generator.set_state(state["augment"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

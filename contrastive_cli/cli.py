@@ -105,13 +105,30 @@ def _precheck(config_name: str, argv: list[str], validate) -> None:
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
 def train_job(cfg: DictConfig) -> dict | None:
+    from .distributed import launched_by_torchrun
     from .train import run_training
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    devices = cfg.trainer.get("devices", 1)
+    if isinstance(devices, int) and devices > 1 and not launched_by_torchrun():
+        return _launch_ddp(devices, run_dir)
     try:
-        return run_training(cfg, Path(HydraConfig.get().runtime.output_dir))
+        return run_training(cfg, run_dir)
     except UserError as e:
         _fail("cl-train", str(e))
         return None
+
+
+def _launch_ddp(devices: int, run_dir: Path) -> None:
+    """`cl-train trainer.devices=N`: the same job under torchrun, N processes, in this job's run dir."""
+    import subprocess
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+           "-m", "contrastive_cli.train", *overrides, f"hydra.run.dir={run_dir}"]
+    code = subprocess.run(cmd).returncode
+    if code:
+        _fail("cl-train", f"trainer.devices={devices}: a training process exited with status {code} (see above)")
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="eval")

@@ -33,6 +33,8 @@ class TrainerCfg:
     knn_monitor: bool = True
     collapse_ratio: float = 0.1
     collapse_patience: int = 2
+    devices: int = 1
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         positive("trainer.epochs", self.epochs, integer=True)
@@ -42,6 +44,7 @@ class TrainerCfg:
         positive("trainer.checkpoint_every", self.checkpoint_every, integer=True)
         positive("trainer.collapse_ratio", self.collapse_ratio, strict=False)
         positive("trainer.collapse_patience", self.collapse_patience, integer=True)
+        positive("trainer.devices", self.devices, integer=True)
         check(self.precision in PRECISIONS, f"trainer.precision={self.precision}: choose from {', '.join(PRECISIONS)}")
         self.channels_last = str(self.channels_last).lower()
         check(self.channels_last in TRI_STATE, f"trainer.channels_last={self.channels_last}: choose from {', '.join(TRI_STATE)}")

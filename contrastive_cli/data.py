@@ -66,17 +66,52 @@ class Splits:
             self.eval_train = self.train
 
 
+class _AugmentedBatches(Dataset):
+    """Item k is batch k, augmented on the CPU inside a DataLoader worker (augmentation.on_device=false),
+    with a generator seeded from (aug_seed, k) so the views do not depend on the worker count."""
+
+    def __init__(self, data: Dataset, batches: list[torch.Tensor], augment, aug_seed: int):
+        self.data, self.batches, self.augment, self.aug_seed = data, batches, augment, aug_seed
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        idx = self.batches[k]
+        if isinstance(self.data, TensorImages):
+            x, y = self.data.images[idx], self.data.labels[idx]
+        else:
+            items = [self.data[int(i)] for i in idx]
+            x, y = torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items])
+        with torch.no_grad():
+            v1, v2 = self.augment(x, torch.Generator().manual_seed(self.aug_seed * 1_000_003 + k))
+        return v1, v2, y
+
+
 def iterate_batches(
     data: Dataset, batch_size: int, seed: int, epoch: int, workers: int = 0, pin: bool = False,
-    shuffle: bool = True, drop_last: bool = True,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (uint8 images, labels) batches; the order depends only on (seed, epoch), so a resumed
-    run sees the same batches as a straight one."""
+    shuffle: bool = True, drop_last: bool = True, rank: int = 0, world: int = 1, augment=None, aug_seed: int = 0,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield (uint8 images, labels) batches of `batch_size` per process. The order depends only on
+    (seed, epoch), so a resumed run sees the same batches as a straight one; with `world` processes,
+    global batch k is slice k of that order and rank r gets its r-th part (a distributed sampler
+    whose union over ranks is exactly the single-process batch of world * batch_size).
+    With `augment`, batches are augmented on the CPU in `workers` processes and come as (view1, view2, labels)."""
     n = len(data)
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     else:
         order = torch.arange(n)
+    if world > 1:
+        steps = n // (batch_size * world)
+        order = order[: steps * batch_size * world].view(steps, world, batch_size)[:, rank].reshape(-1)
+    n = len(order)
+    if augment is not None:
+        stop = n - n % batch_size if drop_last else n
+        batches = list(order[:stop].split(batch_size)) if stop else []
+        yield from DataLoader(_AugmentedBatches(data, batches, augment, aug_seed), batch_size=None,
+                              num_workers=workers, pin_memory=pin, persistent_workers=False)
+        return
     if isinstance(data, TensorImages):
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
@@ -91,9 +126,9 @@ def iterate_batches(
     yield from loader
 
 
-def num_batches(data: Dataset, batch_size: int, drop_last: bool = True) -> int:
+def num_batches(data: Dataset, batch_size: int, drop_last: bool = True, world: int = 1) -> int:
     n = len(data)
-    return n // batch_size if drop_last else -(-n // batch_size)
+    return n // (batch_size * world) if drop_last else -(-n // batch_size)
 
 
 # ---------------------------------------------------------------------------------------- loaders

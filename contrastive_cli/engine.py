@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .data import iterate_batches, num_batches
 from .errors import UserError
 from .methods.base import Method
@@ -84,31 +84,57 @@ class TrainState:
     monitor: CollapseMonitor = field(default_factory=CollapseMonitor)
 
 
+@dataclass
+class Loop:
+    """What the loop needs to know besides the parts: sizes, seeds, cadence, and this process's rank."""
+
+    epochs: int
+    batch_size: int  # per process
+    seed: int = 0
+    workers: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 10
+    rank: int = 0
+    world: int = 1
+
+
 def fit(
     method: Method, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
-    augment: nn.Module, data, *, epochs: int, batch_size: int, seed: int, workers: int, log_every: int,
-    checkpoint_every: int, prec: Precision, generator: torch.Generator, state: TrainState,
-    run_dir: Path, config_yaml: str, step_fn: Callable | None = None,
+    augment: nn.Module, data, loop: Loop, prec: Precision, state: TrainState, run_dir: Path,
+    config_yaml: str, model: Callable | None = None,
 ) -> TrainState:
-    """Train from `state.epoch` to `epochs`, writing metrics.csv and checkpoints after every epoch."""
-    step_fn = step_fn or method.training_step
-    steps_per_epoch = num_batches(data, batch_size)
-    total = epochs * steps_per_epoch
+    """Train from `state.epoch` to `loop.epochs`; rank 0 writes metrics.csv and checkpoints after
+    every epoch. `model` is what runs the step (the method, or it wrapped in DDP / torch.compile)."""
+    model = model or method
+    main = loop.rank == 0
+    steps_per_epoch = num_batches(data, loop.batch_size, world=loop.world)
+    total = loop.epochs * steps_per_epoch
     ckpt_dir = run_dir / "checkpoints"
+    generator = torch.Generator(device=prec.device)
     start = time.perf_counter() - (state.history[-1]["time"] if state.history else 0.0)
     method.train()
-    for epoch in range(state.epoch, epochs):
+    for epoch in range(state.epoch, loop.epochs):
+        # the views depend only on (seed, epoch, rank): a resumed run draws the same ones
+        generator.manual_seed(loop.seed * 1_000_003 + epoch * 1_009 + loop.rank)
         sums = torch.zeros(3, device=prec.device)  # loss, emb_std, neg_cos: read once per epoch
-        bar = tqdm(iterate_batches(data, batch_size, seed, epoch, workers, pin=prec.device.type == "cuda"),
-                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
-        for x, y in bar:
-            x, y = prec.to_device(x), y.to(prec.device, non_blocking=True)
-            with torch.no_grad():
-                x1, x2 = augment(x, generator)
-            if prec.channels_last:
-                x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
+        cpu_views = not getattr(augment, "on_device", True)
+        batches = iterate_batches(data, loop.batch_size, loop.seed, epoch, loop.workers,
+                                  pin=prec.device.type == "cuda", rank=loop.rank, world=loop.world,
+                                  augment=augment if cpu_views else None,
+                                  aug_seed=loop.seed * 1_009 + epoch * 101 + loop.rank)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{loop.epochs}", leave=False,
+                   dynamic_ncols=True, disable=not main)
+        for batch in bar:
+            y = batch[-1].to(prec.device, non_blocking=True)
+            if cpu_views:  # views made in the DataLoader workers
+                x1, x2 = prec.to_device(batch[0]), prec.to_device(batch[1])
+            else:  # uint8 to the device, views made there in one pass over the batch
+                with torch.no_grad():
+                    x1, x2 = augment(prec.to_device(batch[0]), generator)
+                if prec.channels_last:
+                    x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
             with prec.autocast:
-                out = step_fn(x1, x2, y)
+                out = model(x1, x2, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out.loss).backward()
             scaler.step(optimizer)
@@ -118,31 +144,33 @@ def fit(
             method.on_step_end(state.step / total)
             now = torch.cat([out.loss.detach().float().view(1), collapse_stats(out.z1, out.z2)])
             sums += now
-            if state.step % log_every == 0:  # the only host sync inside the epoch
+            if state.step % loop.log_every == 0:  # the only host sync inside the epoch
                 loss, std, neg_cos = now.tolist()
                 _check_finite(loss, epoch, state.step, ckpt_dir)
                 bar.set_postfix(step=state.step, loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}",
                                 std=f"{std:.3f}", neg_cos=f"{neg_cos:.2f}")
-        epoch_loss, emb_std, neg_cos = (sums / max(1, steps_per_epoch)).tolist()
+        bar.close()
+        epoch_loss, emb_std, neg_cos = distributed.mean(sums / max(1, steps_per_epoch)).tolist()
         _check_finite(epoch_loss, epoch, state.step, ckpt_dir)
         state.epoch = epoch + 1
         row = {"epoch": state.epoch, "step": state.step, "loss": epoch_loss,
                "lr": optimizer.param_groups[0]["lr"], "time": round(time.perf_counter() - start, 3),
                "emb_std": emb_std, "neg_cos": neg_cos}
         state.history.append(row)
-        bar.close()
-        log.info("epoch %d/%d  step %d  loss %.4f  lr %.4g  emb_std %.4f  neg_cos %.3f  %.1fs", state.epoch, epochs,
-                 state.step, epoch_loss, row["lr"], emb_std, neg_cos, row["time"])
+        if not main:
+            continue
+        log.info("epoch %d/%d  step %d  loss %.4f  lr %.4g  emb_std %.4f  neg_cos %.3f  %.1fs", state.epoch,
+                 loop.epochs, state.step, epoch_loss, row["lr"], emb_std, neg_cos, row["time"])
         state.monitor.update(emb_std, out.z1.shape[1], state.epoch)
         write_metrics(state.history, run_dir / "metrics.csv")
         payload = {
             "config": config_yaml, "epoch": state.epoch, "step": state.step, "history": state.history,
             "model": method.state_dict(), "encoder": method.encoder.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(generator),
+            "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
         }
         checkpoint.save_atomic(payload, ckpt_dir / "last.pt")
-        if state.epoch % checkpoint_every == 0 or state.epoch == epochs:
+        if state.epoch % loop.checkpoint_every == 0 or state.epoch == loop.epochs:
             checkpoint.save_atomic(payload, ckpt_dir / f"epoch_{state.epoch:04d}.pt")
     return state
 

@@ -23,11 +23,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(partial: Callable, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(partial: Callable, model: nn.Module, lr: float, weight_decay: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """The configured optimizer over `param_groups`; on CUDA the fused kernels where torch has them."""
     positive("optimizer.lr", lr)
     positive("optimizer.weight_decay", weight_decay, strict=False)
+    target = getattr(partial, "func", partial)
+    extra = {"fused": True} if fused and target in (torch.optim.SGD, torch.optim.AdamW, torch.optim.Adam) else {}
     try:
-        return partial(param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay)
+        return partial(param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **extra)
     except (TypeError, ValueError) as e:
         raise UserError(f"optimizer: {e}") from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import random
@@ -11,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import TrainerCfg, build, validate_train
 from .data import TensorImages, num_batches
-from .engine import CollapseMonitor, Precision, TrainState, fit
+from .engine import CollapseMonitor, Loop, Precision, TrainState, fit
 from .errors import UserError, check
 from .evaluate import extract_features, knn_top1, loss_png
+from .methods.base import Method
 from .optim import build_optimizer, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,9 @@ def resolve_device(name: str) -> torch.device:
 def resolve_precision(t: TrainerCfg, device: torch.device) -> Precision:
     name = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    channels_last = t.channels_last == "true" or (t.channels_last == "auto" and device.type == "cuda")
+    # auto: on, for every device: all encoders here are conv nets, and even on the CPU (oneDNN) the
+    # small_cnn step ran 1.46x faster in channels_last (docs/benchmarks.md)
+    channels_last = t.channels_last in ("true", "auto")
     return Precision(device, dtype, channels_last)
 
 
@@ -51,10 +56,16 @@ def build_model(cfg: DictConfig):
     return encoder, method
 
 
-def run_training(cfg: DictConfig, run_dir: Path) -> dict:
+def run_training(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """Train as the config says; under torchrun, as one rank of the job. Returns rank 0's summary."""
     t, sched = validate_train(cfg)
     resume = checkpoint.load(t.resume, "trainer.resume") if t.resume else None  # a bad path fails before any work
     device = resolve_device(t.device)
+    rank, world, local = distributed.setup(device.type)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     prec = resolve_precision(t, device)
     seed_everything(t.seed)
     encoder, method = build_model(cfg)
@@ -65,44 +76,72 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     if isinstance(train, TensorImages):
         check(train.images.shape[1] == cfg.dataset.channels,
               f"dataset.channels={cfg.dataset.channels}: the images have {train.images.shape[1]}")
-    steps = num_batches(train, t.batch_size)
-    check(steps > 0, f"trainer.batch_size={t.batch_size}: larger than the training set ({len(train)} images)")
+    steps = num_batches(train, t.batch_size, world=world)
+    check(steps > 0, f"trainer.batch_size={t.batch_size}: x {world} process(es) is larger than the training set "
+                     f"({len(train)} images)")
 
     method.to(device)
-    augment.to(device)
+    if augment.on_device:
+        augment.to(device)
     if prec.channels_last:
         method.to(memory_format=torch.channels_last)
-    lr = cfg.optimizer.lr * (t.batch_size / 256 if sched.scale_lr else 1.0)
-    optimizer = build_optimizer(build(cfg.optimizer, "optimizer"), method, lr, cfg.optimizer.weight_decay)
+    global_batch = t.batch_size * world
+    lr = cfg.optimizer.lr * (global_batch / 256 if sched.scale_lr else 1.0)
+    optimizer = build_optimizer(build(cfg.optimizer, "optimizer"), method, lr, cfg.optimizer.weight_decay,
+                                fused=device.type == "cuda")
     factor = warmup_cosine(t.epochs * steps, round(sched.warmup_epochs * steps), sched.final_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler(device.type, enabled=prec.dtype == torch.float16)
-    generator = torch.Generator(device=device).manual_seed(t.seed)
     state = TrainState(monitor=CollapseMonitor(t.collapse_ratio, t.collapse_patience))
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if resume is not None:
-        state = _restore(resume, method, optimizer, scheduler, scaler, generator, t)
-    step_fn = torch.compile(method.training_step) if t.compile else None
+        state = _restore(resume, method, optimizer, scheduler, scaler, t)
+    model = _wrap(method, t, world, device)
 
-    log.info("training %s on %s (%d images, %d steps/epoch) on %s, precision %s; run dir %s",
-             cfg.method._target_.rsplit(".", 1)[-1], cfg.dataset.name, len(train), steps, device,
-             prec.dtype or "fp32", run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        log.info("training %s on %s (%d images, %d steps/epoch, global batch %d over %d process(es)) on %s, "
+                 "precision %s; run dir %s", cfg.method._target_.rsplit(".", 1)[-1], cfg.dataset.name, len(train),
+                 steps, global_batch, world, device, prec.dtype or "fp32", run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
-    state = fit(method, optimizer, scheduler, scaler, augment, train, epochs=t.epochs, batch_size=t.batch_size,
-                seed=t.seed, workers=t.workers, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-                prec=prec, generator=generator, state=state, run_dir=run_dir, config_yaml=config_yaml,
-                step_fn=step_fn)
+    loop = Loop(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, workers=t.workers, log_every=t.log_every,
+                checkpoint_every=t.checkpoint_every, rank=rank, world=world)
+    try:
+        state = fit(method, optimizer, scheduler, scaler, augment, train, loop, prec, state, run_dir,
+                    OmegaConf.to_yaml(cfg, resolve=True), model=model)
+    finally:
+        distributed.cleanup()
+    if rank != 0:
+        return None
+    return _summarize(cfg, t, method, splits, state, run_dir, device, time.perf_counter() - wall)
+
+
+def _wrap(method: Method, t: TrainerCfg, world: int, device: torch.device):
+    """What runs the step: the method, under DDP when there are several processes, compiled on request."""
+    model = method
+    if world > 1:
+        if t.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # no buffer broadcast each step: MoCo's queue is kept equal by gathering keys (torch 2.14 renamed
+        # broadcast_buffers to forward_sync_buffers)
+        ddp = nn.parallel.DistributedDataParallel
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                   else {"broadcast_buffers": False})
+        model = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+    return torch.compile(model) if t.compile else model
+
+
+def _summarize(cfg, t: TrainerCfg, method: Method, splits, state: TrainState, run_dir: Path,
+               device: torch.device, wall: float) -> dict:
     summary = {"method": cfg.method._target_, "dataset": cfg.dataset.name, "epochs": state.epoch,
                "steps": state.step, "final_loss": state.history[-1]["loss"] if state.history else None,
-               "wall_time_s": round(time.perf_counter() - wall, 2),
-               "collapse_warning": state.monitor.warned,
+               "wall_time_s": round(wall, 2), "collapse_warning": state.monitor.warned,
                "checkpoint": str(run_dir / "checkpoints" / "last.pt")}
     if state.history:
         loss_png(state.history, run_dir / "loss.png", f"{summary['method'].rsplit('.', 1)[-1]} on {cfg.dataset.name}")
     if t.knn_monitor:
-        tr = extract_features(method.encoder, splits.eval_train, cfg.dataset.mean, cfg.dataset.std, device, desc="k-NN train")
-        te = extract_features(method.encoder, splits.test, cfg.dataset.mean, cfg.dataset.std, device, desc="k-NN test")
+        ds = cfg.dataset
+        tr = extract_features(method.encoder, splits.eval_train, ds.mean, ds.std, device, desc="k-NN train")
+        te = extract_features(method.encoder, splits.test, ds.mean, ds.std, device, desc="k-NN test")
         n_cls = int(max(tr[1].max(), te[1].max())) + 1
         summary["knn_top1"] = round(knn_top1(tr[0], tr[1], te[0], te[1], n_cls), 4)
         log.info("k-NN top-1 (k=200, T=0.1) on the test split: %.4f", summary["knn_top1"])
@@ -111,7 +150,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
-def _restore(ckpt: dict, method, optimizer, scheduler, scaler, generator, t: TrainerCfg) -> TrainState:
+def _restore(ckpt: dict, method, optimizer, scheduler, scaler, t: TrainerCfg) -> TrainState:
     try:
         method.load_state_dict(ckpt["model"])
     except RuntimeError:
@@ -120,8 +159,14 @@ def _restore(ckpt: dict, method, optimizer, scheduler, scaler, generator, t: Tra
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
-    checkpoint.set_rng_state(ckpt["rng"], generator)
+    checkpoint.set_rng_state(ckpt["rng"])
     if ckpt["epoch"] >= t.epochs:
         log.info("checkpoint already has %d of %d epochs: nothing to train", ckpt["epoch"], t.epochs)
     monitor = CollapseMonitor(t.collapse_ratio, t.collapse_patience)
     return TrainState(epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]), monitor=monitor)
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m contrastive_cli.train [overrides]
+    from .cli import train as _main
+
+    _main()

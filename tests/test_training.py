@@ -91,3 +91,9 @@ def test_imagefolder_trains_through_dataloader_workers_and_evaluates(tmp_path, f
     result = run_evaluation(ev, tmp_path / "eval")
     assert result["n_train"] == 14 and result["n_test"] == 4 and result["dataset"] == "imagefolder"
     assert (tmp_path / "eval" / "tsne.png").is_file()
+
+
+def test_cpu_augmentation_in_workers_trains(tmp_path, fast_train):
+    cfg = compose_cfg("train", [*fast_train, "trainer.epochs=1", "augmentation.on_device=false", "trainer.workers=2"])
+    summary = run_training(cfg, tmp_path)
+    assert summary["steps"] == 1347 // 128 and summary["final_loss"] > 0

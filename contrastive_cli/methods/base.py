@@ -19,7 +19,7 @@ class StepOutput:
 
 
 class Method(nn.Module, abc.ABC):
-    """`forward(x)` gives encoder features; `training_step` gives the loss of a batch of two views;
+    """`forward(x)` gives encoder features, `forward(x1, x2, labels)` the training step's loss;
     `on_step_end(progress)` runs after each optimizer step (momentum updates, with progress in [0, 1])."""
 
     min_batch_size = 2
@@ -32,8 +32,11 @@ class Method(nn.Module, abc.ABC):
         if batch_size < self.min_batch_size:
             raise UserError(f"trainer.batch_size={batch_size}: {type(self).__name__} needs at least {self.min_batch_size}")
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.encoder(x)
+    def forward(self, x1: Tensor, x2: Tensor | None = None, labels: Tensor | None = None):
+        """Features of x1; with x2 as well, the training step (so DDP's forward hooks see it)."""
+        if x2 is None:
+            return self.encoder(x1)
+        return self.training_step(x1, x2, labels)
 
     @abc.abstractmethod
     def training_step(self, x1: Tensor, x2: Tensor, labels: Tensor) -> StepOutput:

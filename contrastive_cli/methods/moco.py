@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import broadcast, gather, rank_and_world
 from ..errors import UserError, positive
 from ..heads import mlp
 from ..losses import info_nce
@@ -50,22 +51,28 @@ class MoCo(Method):
         queue = self.queue.clone().detach()  # the enqueue below must not touch what backward reads
         if self.symmetric:
             loss = (info_nce(q1, k2, queue, self.temperature) + info_nce(q2, k1, queue, self.temperature)) / 2
-            self._enqueue(torch.cat([k1, k2]))
+            self._enqueue(gather(torch.cat([k1, k2])))  # every rank enqueues the same global keys
         else:
             loss = info_nce(q1, k2, queue, self.temperature)
-            self._enqueue(k2)
+            self._enqueue(gather(k2))
         return StepOutput(loss, q1, q2)
 
     @torch.no_grad()
     def _keys(self, x: Tensor) -> Tensor:
-        """Normalized keys; with split BN the batch is shuffled first so BN chunks mix other samples."""
-        if self.bn_splits > 1:
-            perm = torch.randperm(len(x), device=x.device)
-            k = self.key_projector(self.key_encoder(x[perm]))
-            k = k[torch.argsort(perm)]
-        else:
-            k = self.key_projector(self.key_encoder(x))
-        return F.normalize(k.float(), dim=1)
+        """Normalized keys of x, computed on a shuffled batch so that a key's batch-norm statistics
+        come from other samples than its query's: across ranks under DDP (shuffle-BN), across the
+        split-BN chunks on one device. Returned in x's order."""
+        rank, world = rank_and_world()
+        if world == 1 and self.bn_splits == 1:
+            return F.normalize(self.key_projector(self.key_encoder(x)).float(), dim=1)
+        x_all = gather(x)  # world*n x ...
+        perm = broadcast(torch.randperm(len(x_all), device=x.device))
+        mine = perm.view(world, -1)[rank]
+        k_mine = F.normalize(self.key_projector(self.key_encoder(x_all[mine])).float(), dim=1)
+        k_shuffled = gather(k_mine)
+        k_all = torch.empty_like(k_shuffled)
+        k_all[perm] = k_shuffled  # undo the shuffle
+        return k_all.view(world, len(x), -1)[rank]
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor) -> None:

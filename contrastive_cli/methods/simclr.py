@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..distributed import gather_with_grad
 from ..errors import positive
 from ..heads import mlp
 from ..losses import nt_xent
@@ -22,4 +23,6 @@ class SimCLR(Method):
     def training_step(self, x1: Tensor, x2: Tensor, labels: Tensor) -> StepOutput:
         # one pass over both views: batch-norm statistics over all 2N images, as in the paper
         z1, z2 = self.projector(self.encoder(torch.cat([x1, x2]))).chunk(2)
-        return StepOutput(nt_xent(z1, z2, self.temperature), z1, z2)
+        # under DDP every rank scores the global batch: negatives from all ranks, gradients back to each
+        loss = nt_xent(gather_with_grad(z1), gather_with_grad(z2), self.temperature)
+        return StepOutput(loss, z1, z2)
