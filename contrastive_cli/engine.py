@@ -145,7 +145,8 @@ def fit(
             now = torch.cat([out.loss.detach().float().view(1), collapse_stats(out.z1, out.z2)])
             sums += now
             if state.step % loop.log_every == 0:  # the only host sync inside the epoch
-                loss, std, neg_cos = now.tolist()
+                # averaged over ranks, so a non-finite loss stops every rank at the same step
+                loss, std, neg_cos = distributed.mean(now).tolist()
                 _check_finite(loss, epoch, state.step, ckpt_dir)
                 bar.set_postfix(step=state.step, loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}",
                                 std=f"{std:.3f}", neg_cos=f"{neg_cos:.2f}")

@@ -1,12 +1,30 @@
-"""Losses as pure functions on tensors: no state, no modules, testable without a model."""
+"""Losses as pure functions on tensors: no state, no modules, testable without a model.
+Each runs in fp32 with autocast switched off: under bf16 autocast a matmul would round cosine
+similarities to about 2^-8 before the division by a small temperature."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+def fp32(loss):
+    """Run `loss` outside autocast, with its tensor arguments as float32."""
+
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, Tensor)).device.type
+        with torch.autocast(device, enabled=False):
+            args = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+            return loss(*args, **kwargs)
+
+    return wrapper
+
+
+@fp32
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     """NT-Xent (SimCLR) over the 2N views: the positive of view i is view i+N (and of i+N, i);
     the other 2N-2 views are negatives; the sample itself is masked out.
@@ -14,13 +32,14 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     z1, z2: N x D projections of the two views (normalized here).
     """
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1).float()  # 2N x D
+    z = F.normalize(torch.cat([z1, z2]), dim=1)  # 2N x D
     sim = z @ z.t() / temperature  # 2N x 2N
     sim.fill_diagonal_(float("-inf"))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(sim, target)
 
 
+@fp32
 def moco_logits(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
     """Logits N x (1+K): column 0 is the positive q.k, columns 1..K the queue's negatives.
     q, k: N x D and queue: K x D, all L2-normalized."""
@@ -31,13 +50,14 @@ def moco_logits(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tens
 
 def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
     """MoCo's InfoNCE: cross-entropy with the positive at index 0."""
-    logits = moco_logits(q.float(), k.float(), queue.float(), temperature)
+    logits = moco_logits(q, k, queue, temperature)
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
+@fp32
 def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     """BYOL's regression loss 2 - 2 cos(p, z), averaged over the batch (z is the target, no gradient)."""
-    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=1)).mean()
+    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()
 
 
 def pairwise_distance(a: Tensor, b: Tensor) -> Tensor:
@@ -46,21 +66,23 @@ def pairwise_distance(a: Tensor, b: Tensor) -> Tensor:
     return d2.clamp_min(1e-12).sqrt()
 
 
+@fp32
 def contrastive_margin(e1: Tensor, e2: Tensor, same: Tensor, margin: float) -> Tensor:
     """Margin contrastive loss (Hadsell, Chopra & LeCun 2006) over all pairs (e1[i], e2[j]):
     y * d^2 + (1 - y) * max(0, m - d)^2 with y = same[i, j]. Positive and negative terms are each
     averaged over their own pairs and then added, so the N^2 - N negatives do not drown the N positives."""
-    d = pairwise_distance(e1.float(), e2.float())
+    d = pairwise_distance(e1, e2)
     pos = d.pow(2)[same]
     neg = (margin - d).clamp_min(0).pow(2)[~same]
     zero = d.new_zeros(())
     return (pos.mean() if pos.numel() else zero) + (neg.mean() if neg.numel() else zero)
 
 
+@fp32
 def triplet(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float) -> Tensor:
     """Triplet loss max(0, d(a, p) - d(a, n) + m), averaged over the anchors."""
-    d_ap = (anchor - positive).float().pow(2).sum(1).clamp_min(1e-12).sqrt()
-    d_an = (anchor - negative).float().pow(2).sum(1).clamp_min(1e-12).sqrt()
+    d_ap = (anchor - positive).pow(2).sum(1).clamp_min(1e-12).sqrt()
+    d_an = (anchor - negative).pow(2).sum(1).clamp_min(1e-12).sqrt()
     return (d_ap - d_an + margin).clamp_min(0).mean()
 
 

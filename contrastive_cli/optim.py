@@ -38,7 +38,7 @@ def build_optimizer(partial: Callable, model: nn.Module, lr: float, weight_decay
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step for each weight tensor is scaled by the trust ratio
-    trust_coefficient * |w| / (|g| + weight_decay * |w|) (You et al. 2017), skipped where lars=False."""
+    trust_coefficient * |w| / |g + weight_decay * w| (You et al. 2017, as in SimCLR), skipped where lars=False."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 1e-8):

@@ -21,6 +21,7 @@ from .engine import CollapseMonitor, Loop, Precision, TrainState, fit
 from .errors import UserError, check
 from .evaluate import extract_features, knn_top1, loss_png
 from .methods.base import Method
+from .momentum import SplitBatchNorm2d
 from .optim import build_optimizer, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict | None:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     prec = resolve_precision(t, device)
     seed_everything(t.seed)
-    encoder, method = build_model(cfg)
+    _, method = build_model(cfg)
     method.check_batch_size(t.batch_size)
     augment = build(cfg.augmentation, "augmentation")
     splits = build(cfg.dataset.source, "dataset")
@@ -76,6 +77,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict | None:
     if isinstance(train, TensorImages):
         check(train.images.shape[1] == cfg.dataset.channels,
               f"dataset.channels={cfg.dataset.channels}: the images have {train.images.shape[1]}")
+    if method.needs_labels:  # checked up front: failing inside a DDP step would hang the other ranks
+        labels = train.labels if isinstance(train.labels, torch.Tensor) else torch.tensor(train.labels)
+        check(bool((labels >= 0).all()), f"method.supervised=true: dataset {cfg.dataset.name}'s training split "
+                                          "has unlabeled images; use a labeled split or supervised=false")
     steps = num_batches(train, t.batch_size, world=world)
     check(steps > 0, f"trainer.batch_size={t.batch_size}: x {world} process(es) is larger than the training set "
                      f"({len(train)} images)")
@@ -120,6 +125,9 @@ def _wrap(method: Method, t: TrainerCfg, world: int, device: torch.device):
     model = method
     if world > 1:
         if t.sync_bn:
+            check(device.type == "cuda", "trainer.sync_bn=true: SyncBatchNorm runs on CUDA only (this run is on the CPU)")
+            check(not any(isinstance(m, SplitBatchNorm2d) for m in model.modules()),
+                  "trainer.sync_bn=true: would replace MoCo's split batch-norm; set method.bn_splits=1 with it")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # no buffer broadcast each step: MoCo's queue is kept equal by gathering keys (torch 2.14 renamed
         # broadcast_buffers to forward_sync_buffers)

@@ -58,3 +58,19 @@ def test_nt_xent_gradient_flows_to_both_views():
     z2 = torch.randn(4, 3, requires_grad=True)
     nt_xent(z1, z2, 0.5).backward()
     assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
+
+
+def test_losses_run_in_fp32_under_autocast():
+    from contrastive_cli.losses import info_nce
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    queue = F.normalize(torch.randn(64, 32, generator=g), dim=1)
+    exact = nt_xent(z1, z2, 0.1), info_nce(F.normalize(z1, dim=1), F.normalize(z2, dim=1), queue, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = nt_xent(z1.bfloat16(), z2.bfloat16(), 0.1), info_nce(
+            F.normalize(z1, dim=1), F.normalize(z2, dim=1), queue, 0.1)
+    for e, m in zip(exact, mixed, strict=True):
+        assert m.dtype == torch.float32
+    assert mixed[1].item() == pytest.approx(exact[1].item(), abs=1e-6)  # fp32 inputs stay exact
+    assert mixed[0].item() == pytest.approx(exact[0].item(), rel=2e-2)  # only the bf16 inputs' rounding

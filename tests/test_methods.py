@@ -254,3 +254,14 @@ def test_collapse_monitor_catches_byol_without_predictor(tmp_path, caplog):
     assert summary["collapse_warning"]
     warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
     assert len(warnings) == 1 and "predictor" in warnings[0]
+
+
+def test_supervised_triplet_without_any_negative_is_zero_not_wrong():
+    torch.manual_seed(0)
+    model = Triplet(SmallCNN(1, 4), mining="semi_hard", proj_hidden_dim=16, proj_dim=8, supervised=True)
+    x = torch.randn(4, 1, 16, 16)
+    out = model.training_step(x, x.flip(-1), torch.zeros(4, dtype=torch.long))  # one label: no negatives
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    mixed = model.training_step(x, x.flip(-1), torch.tensor([0, 0, 1, 1]))
+    assert torch.isfinite(mixed.loss) and mixed.loss.item() > 0

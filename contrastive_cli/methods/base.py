@@ -28,6 +28,10 @@ class Method(nn.Module, abc.ABC):
         super().__init__()
         self.encoder = encoder
 
+    @property
+    def needs_labels(self) -> bool:
+        return bool(getattr(self, "supervised", False))
+
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size < self.min_batch_size:
             raise UserError(f"trainer.batch_size={batch_size}: {type(self).__name__} needs at least {self.min_batch_size}")

@@ -36,7 +36,12 @@ class Triplet(Method):
             pos_idx = self._positives(d, same & ~itself, n)
             d_ap = d.gather(1, pos_idx[:, None]).squeeze(1)
             neg_idx = mine_negatives(d, d_ap, ~same, self.mining, self.margin)
-        loss = triplet(e, e[pos_idx], e[neg_idx], self.margin)
+            has_neg = (~same).any(1)  # supervised: an anchor whose label fills the batch has none
+        anchors = has_neg.nonzero().squeeze(1)
+        if len(anchors) == 0:
+            loss = e.sum() * 0.0
+        else:
+            loss = triplet(e[anchors], e[pos_idx[anchors]], e[neg_idx[anchors]], self.margin)
         z1, z2 = z.chunk(2)
         return StepOutput(loss, z1, z2)
 
