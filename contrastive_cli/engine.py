@@ -98,6 +98,31 @@ class Loop:
     world: int = 1
 
 
+def make_views(batch, augment: nn.Module, generator: torch.Generator, prec: Precision, cpu_views: bool):
+    """(view1, view2, labels) on the device. The views come made from the DataLoader workers when
+    `cpu_views`; otherwise the uint8 batch crosses to the device and both views are made there."""
+    y = batch[-1].to(prec.device, non_blocking=True)
+    if cpu_views:
+        return prec.to_device(batch[0]), prec.to_device(batch[1]), y
+    with torch.no_grad():
+        x1, x2 = augment(prec.to_device(batch[0]), generator)
+    if prec.channels_last:
+        x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
+    return x1, x2, y
+
+
+def optimizer_step(model: Callable, x1: Tensor, x2: Tensor, y: Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, prec: Precision):
+    """Forward under autocast, backward through the scaler, one optimizer step; returns the StepOutput."""
+    with prec.autocast:
+        out = model(x1, x2, y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out.loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return out
+
+
 def fit(
     method: Method, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
     augment: nn.Module, data, loop: Loop, prec: Precision, state: TrainState, run_dir: Path,
@@ -125,20 +150,8 @@ def fit(
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{loop.epochs}", leave=False,
                    dynamic_ncols=True, disable=not main)
         for batch in bar:
-            y = batch[-1].to(prec.device, non_blocking=True)
-            if cpu_views:  # views made in the DataLoader workers
-                x1, x2 = prec.to_device(batch[0]), prec.to_device(batch[1])
-            else:  # uint8 to the device, views made there in one pass over the batch
-                with torch.no_grad():
-                    x1, x2 = augment(prec.to_device(batch[0]), generator)
-                if prec.channels_last:
-                    x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
-            with prec.autocast:
-                out = model(x1, x2, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out.loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            x1, x2, y = make_views(batch, augment, generator, prec, cpu_views)
+            out = optimizer_step(model, x1, x2, y, optimizer, scaler, prec)
             scheduler.step()
             state.step += 1
             method.on_step_end(state.step / total)

@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_module  # noqa: E402
 
 from contrastive_cli.config import build, validate_train  # noqa: E402
 from contrastive_cli.data import TensorImages, iterate_batches  # noqa: E402
+from contrastive_cli.engine import make_views, optimizer_step  # noqa: E402
 from contrastive_cli.optim import build_optimizer  # noqa: E402
 from contrastive_cli.train import build_model, resolve_device, resolve_precision, seed_everything  # noqa: E402
 
@@ -82,10 +83,8 @@ def batches(args, cfg, data, augment, device, prec, epoch: int = 0):
                 yield prec.to_device(v1), prec.to_device(v2)
     g = torch.Generator(device=device).manual_seed(0)
     while True:
-        for x, _ in iterate_batches(data, t.batch_size, t.seed, epoch, pin=device.type == "cuda"):
-            with torch.no_grad():
-                v1, v2 = augment(prec.to_device(x), g)
-            yield v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        for batch in iterate_batches(data, t.batch_size, t.seed, epoch, pin=device.type == "cuda"):
+            yield make_views(batch, augment, g, prec, cpu_views=False)[:2]
         epoch += 1
 
 
@@ -142,12 +141,7 @@ def main() -> None:
     method.train()
 
     def step(v1, v2):
-        with prec.autocast:
-            out = model(v1, v2, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out.loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(model, v1, v2, labels, optimizer, scaler, prec)
         method.on_step_end(0.5)
 
     base = {"pipeline": args.pipeline, "overrides": " ".join(overrides), "batch_size": t.batch_size,
