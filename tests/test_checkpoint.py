@@ -42,10 +42,13 @@ def test_foreign_and_torn_files_are_refused(tmp_path):
         checkpoint.load(torn)
 
 
-def test_rng_state_round_trip():
-    g = torch.Generator().manual_seed(5)
-    state = checkpoint.rng_state(g)
-    a = (torch.rand(3), torch.rand(3, generator=g))
-    checkpoint.set_rng_state(state, g)
-    b = (torch.rand(3), torch.rand(3, generator=g))
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+def test_rng_state_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    checkpoint.save_atomic({"rng": checkpoint.rng_state()}, tmp_path / "rng.pt")
+    a = (torch.rand(3), random.random(), np.random.rand())
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng.pt")["rng"])  # through weights_only loading
+    b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
