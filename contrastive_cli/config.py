@@ -76,6 +76,7 @@ class EvalCfg:
     knn_temperature: float = 0.1
     tsne_samples: int = 2000
     linear_max_iter: int = 1000
+    linear_backend: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,6 +85,8 @@ class EvalCfg:
         positive("eval.knn_temperature", self.knn_temperature)
         positive("eval.tsne_samples", self.tsne_samples, integer=True, strict=False)
         positive("eval.linear_max_iter", self.linear_max_iter, integer=True)
+        check(self.linear_backend in ("auto", "sklearn", "torch"),
+              f"eval.linear_backend={self.linear_backend}: choose from auto, sklearn, torch")
 
 
 @dataclass

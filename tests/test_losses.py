@@ -73,3 +73,4 @@ def test_losses_run_in_fp32_under_autocast():
     assert all(m.dtype == torch.float32 for m in mixed)
     assert mixed[1].item() == pytest.approx(exact[1].item(), abs=1e-6)  # fp32 inputs stay exact
     assert mixed[0].item() == pytest.approx(exact[0].item(), rel=2e-2)  # only the bf16 inputs' rounding
+
