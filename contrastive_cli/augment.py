@@ -67,8 +67,10 @@ class BatchAugment(nn.Module):
         lo, hi = (float(v) for v in crop_scale)
         if not 0 < lo <= hi <= 1:
             raise UserError(f"crop_scale={list(crop_scale)}: need 0 < low <= high <= 1")
-        if not 0 < crop_ratio[0] <= crop_ratio[1]:
+        if not 0 < crop_ratio[0] <= crop_ratio[1] < math.inf:
             raise UserError(f"crop_ratio={list(crop_ratio)}: need 0 < low <= high")
+        if not 0 < blur_sigma[0] <= blur_sigma[1] < math.inf:
+            raise UserError(f"blur_sigma={list(blur_sigma)}: need 0 < low <= high")
         if not 0 <= hue <= 0.5:
             raise UserError(f"hue={hue}: must be in [0, 0.5]")
         for name, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation),
@@ -153,7 +155,10 @@ class BatchAugment(nn.Module):
             torch.stack([sin * sx, cos * sy, 2 * p["cy"] / height - 1], 1),
         ], 1)  # B x 2 x 3: output grid -> input coordinates
         grid = F.affine_grid(theta, [x.shape[0], x.shape[1], self.size, self.size], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # a crop touching the edge repeats the edge pixels, as torchvision's resized crop does; only a
+        # rotation, which reaches outside the image, fills with black (as RandomRotation's fill=0)
+        padding = "zeros" if self.rotate > 0 else "border"
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
     def _color(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:
         def col(t: Tensor) -> Tensor:

@@ -1,10 +1,15 @@
-"""Atomic checkpoint writes and safe, checked reads (torch.load with weights_only=True)."""
+"""Checkpoints: atomic writes with a checksum of the payload, and checked reads (torch.load with
+weights_only=True) that refuse torn, damaged, incomplete and non-finite files in one line."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,24 +17,110 @@ import torch
 
 from .errors import UserError
 
-FORMAT = "contrastive_cli/1"
+log = logging.getLogger(__name__)
+
+FORMAT = "contrastive_cli/2"  # /2: with a checksum; /1 files (no checksum) still load, unverified
+OLD_FORMATS = ("contrastive_cli/1",)
+REQUIRED = ("config", "epoch", "step", "history", "model", "encoder", "optimizer", "scheduler", "scaler", "rng")
+_HOST = socket.gethostname().replace(".", "_")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def payload_digest(payload: dict) -> str:
+    """blake2b over every value of the payload, tensors by dtype, shape and bytes: a flipped byte in
+    tensor data (which torch.load does not notice) changes it."""
+    h = hashlib.blake2b(digest_size=20)
+
+    def feed(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=str):
+                h.update(repr(k).encode())
+                feed(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):  # pickling keeps tuples, but do not depend on it
+            h.update(b"[")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    feed(payload)
+    return h.hexdigest()
+
+
+def non_finite(state: dict) -> str | None:
+    """The name of the first floating-point tensor of a state dict holding nan or inf, else None."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def save_atomic(payload: dict, path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a crash leaves either the
-    old file or the new one, never a torn one."""
+    old file or the new one, never a torn one. The temporary name holds host and pid, so a later
+    start can tell an orphan of a killed save from a save in progress (`remove_orphans`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    record = {"format": FORMAT, **payload}
+    record["checksum"] = payload_digest(payload)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it 0600; a checkpoint is as readable as any output
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
+            torch.save(record, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, folder gone or read-only: the old file is untouched
+            kept = " (the previous checkpoint there is kept)" if path.exists() else ""
+            raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
         raise
+
+
+def remove_orphans(folder: str | Path, max_age_s: float = 3600.0) -> list[Path]:
+    """Delete `.*.tmp` files left by a killed save: those of this host whose process is gone, and
+    any other host's older than `max_age_s`. Returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        parts = tmp.name.split(".")  # '', name, 'pt', host, pid, random, 'tmp'
+        host, pid = (parts[-4], parts[-3]) if len(parts) >= 5 else ("", "")
+        if host == _HOST and pid.isdigit():
+            orphan = not _alive(int(pid))
+        else:
+            orphan = time.time() - tmp.stat().st_mtime > max_age_s
+        if orphan:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    if removed:
+        log.info("removed %d unfinished checkpoint file(s) of a killed save in %s", len(removed), folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _short(text: str, limit: int = 160) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def load(path: str | Path, key: str = "checkpoint") -> dict:
@@ -42,11 +133,59 @@ def load(path: str | Path, key: str = "checkpoint") -> dict:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for torn or foreign files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{key}={path}: not a readable cl-train checkpoint (truncated or foreign file: {reason[:120]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        reason = _short(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
+        raise UserError(f"{key}={path}: not a readable cl-train checkpoint (truncated or foreign file: {reason})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (FORMAT, *OLD_FORMATS):
         raise UserError(f"{key}={path}: not a cl-train checkpoint (format {FORMAT} expected)")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise UserError(f"{key}={path}: incomplete checkpoint, missing {', '.join(missing)}")
+    if ckpt["format"] == FORMAT:
+        stored = ckpt.pop("checksum", None)
+        body = {k: v for k, v in ckpt.items() if k != "format"}
+        if stored != payload_digest(body):
+            raise UserError(f"{key}={path}: damaged checkpoint (its checksum does not match its contents)")
+    else:
+        log.warning("%s was written by an older contrastive_cli without a checksum: loaded unverified", p)
+    bad = non_finite(ckpt["model"]) or non_finite(ckpt["encoder"])
+    if bad:
+        raise UserError(f"{key}={path}: its weights are not finite ({bad} holds nan or inf); use an earlier checkpoint")
     return ckpt
+
+
+def newest_valid(run_dir: str | Path, key: str = "trainer.resume") -> tuple[Path, dict]:
+    """The newest checkpoint of a run folder that loads and verifies: last.pt (written every epoch
+    and on a signal), else the numbered ones from the highest down; damaged ones are skipped and
+    named in one warning line."""
+    folder = Path(run_dir) / "checkpoints"
+    files = [f for f in folder.glob("*.pt") if f.is_file()]
+    if not files:
+        raise UserError(f"{key}={run_dir}: no checkpoint in {folder}")
+    files.sort(key=lambda f: (f.name == "last.pt", f.name.startswith("epoch_"), f.name, f.stat().st_mtime_ns),
+               reverse=True)
+    skipped = []
+    for f in files:
+        try:
+            ckpt = load(f, key)
+        except UserError as e:
+            skipped.append(f"{f.name} ({str(e).split(': ', 1)[-1]})")
+            continue
+        if skipped:
+            log.warning("skipped %s; using %s", "; ".join(skipped), f)
+        return f, ckpt
+    raise UserError(f"{key}={run_dir}: no valid checkpoint in {folder}: {'; '.join(skipped)}")
+
+
+def locate(path: str | Path, key: str = "trainer.resume") -> tuple[Path, dict]:
+    """A checkpoint file, or a run folder (its newest valid checkpoint), loaded and verified."""
+    p = Path(str(path)).expanduser()
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        return newest_valid(p, key)
+    if p.is_dir() and p.name == "checkpoints":
+        return newest_valid(p.parent, key)
+    if p.is_dir():
+        raise UserError(f"{key}={path}: a folder without checkpoints/ inside (give a run folder or a .pt file)")
+    return p, load(p, key)
 
 
 def rng_state() -> dict:

@@ -1,12 +1,19 @@
 """The console entry points `cl-train` and `cl-eval`.
 
-Before Hydra runs, the overrides are composed and checked once (each value of a sweep too), so a
-typo costs one line and exit status 1 instead of a stack trace or a half-finished sweep. Inside a
-job, a UserError prints one line; under `-m` the other jobs still run and the exit status is 1.
+Before Hydra runs, the command line is composed and checked: every job of a sweep (every
+combination, glob/range/interval sweeps expanded), and for a sweep also what can be known without
+training (device present, data present, batch size against the data). A typo costs one line and
+exit status 1 instead of a stack trace or a half-finished sweep. Each run then gets a folder of its
+own, claimed atomically, so two runs started in the same second never share one. Inside a job, a
+UserError prints one line; under `-m` the other jobs still run and the exit status is 1.
+SIGTERM / SIGINT during training end the run after a step with a checkpoint (exit 143 / 130).
 """
 
 from __future__ import annotations
 
+import itertools
+import re
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -15,11 +22,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 CONFIG_MODULE = "contrastive_cli.configs"
 _failures: list[str] = []
-_HYDRA_FLAGS_WITH_VALUE = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop (which handles it itself): leave with one line."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
 
 
 def _fail(prog: str, message: str) -> None:
@@ -33,8 +47,29 @@ def _group_options(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")) if root.is_dir() else []
 
 
-def _override_sets(overrides: list[str]) -> list[list[str]]:
-    """One override list per sweep value (the other sweeps at their first value), hydra.* left out."""
+def _sweep_values(o) -> list[str]:
+    """The values one sweep override stands for: choices, range(), glob() over a group's options,
+    and an interval()'s two ends (what a search sweeper such as Optuna may try)."""
+    from hydra.core.override_parser.types import ValueType
+
+    key = o.get_key_element().lstrip("+~")
+    if o.value_type == ValueType.GLOB_CHOICE_SWEEP:
+        values = o.value().filter(_group_options(key.replace(".", "/")))
+    elif o.is_discrete_sweep():
+        values = list(o.sweep_string_iterator())
+    elif o.is_interval_sweep():
+        ends = (o.value().start, o.value().end)
+        values = [str(int(v)) if float(v).is_integer() else repr(v) for v in ends]
+    else:
+        values = [o.get_value_element_as_str()]
+    if not values:
+        raise UserError(f"{o.input_line}: the sweep selects no value (options: {', '.join(_group_options(key))})")
+    return values
+
+
+def _override_sets(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """One override list per job: under -m every combination of the sweeps (as Hydra's basic
+    sweeper runs them); hydra.* overrides left out."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -46,20 +81,44 @@ def _override_sets(overrides: list[str]) -> list[list[str]]:
         key = o.get_key_element()
         if key.lstrip("+~").startswith(("hydra.", "hydra/")):
             continue
-        if o.is_sweep_override():
-            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        if multirun and o.is_sweep_override():
+            choices.append([f"{key}={v}" for v in _sweep_values(o)])
         else:
             choices.append([o.input_line])
-    if not choices:
-        return [[]]
-    sets = [[c[0] for c in choices]]
-    for i, c in enumerate(choices):
-        for v in c[1:]:
-            sets.append([*sets[0][:i], v, *sets[0][i + 1 :]])
-    return sets
+    return [list(c) for c in itertools.product(*choices)]
 
 
-def _explain(e: Exception, overrides: list[str]) -> str:
+def _did_you_mean(key: str, cfg) -> str:
+    """'; did you mean X?' for a wrong key: the key of `cfg` with the same last name (dataset.root ->
+    dataset.source.root), else the closest spelling."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    from .config import flatten
+
+    keys = [k for k in flatten(OmegaConf.to_container(cfg, resolve=False)) if not k.startswith("hydra")] if cfg else []
+    group = key.split(".")[0]
+    for option in _group_options(group):  # keys that only other options of the group have
+        text = resources.files(CONFIG_MODULE).joinpath(group, f"{option}.yaml").read_text()
+        keys += [f"{group}.{k}" for k in flatten(OmegaConf.to_container(OmegaConf.create(text), resolve=False))]
+    keys = list(dict.fromkeys(k for k in keys if not k.split(".")[-1].startswith("_")))
+    leaf = key.split(".")[-1]
+    same = [k for k in keys if k.split(".")[-1] == leaf and k != key]
+    if same:
+        return f"; did you mean {max(same, key=lambda k: len(_common_prefix(k, key)))}?"
+    close = difflib.get_close_matches(key, [k for k in keys if k != key], n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def _explain(e: Exception, overrides: list[str], compose) -> str:
     from hydra.errors import MissingConfigException
 
     text = str(e).strip()
@@ -71,36 +130,130 @@ def _explain(e: Exception, overrides: list[str]) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if lines and lines[0].startswith("Could not override"):
         key = lines[0].split("'")[1] if "'" in lines[0] else lines[0]
-        return f"{key}: unknown key (see `--cfg job` for the keys there are; a new key needs +{key}=...)"
+        try:  # the config without the bad override, to find the key that was meant
+            rest = compose([o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
+        except Exception:
+            rest = None
+        return f"{key}: unknown key{_did_you_mean(key, rest)} (see `--cfg job` for the keys there are; a new key needs +{key}=...)"
     return lines[0] if lines else type(e).__name__
 
 
-def _precheck(config_name: str, argv: list[str], validate) -> None:
-    """Compose and validate every job a command line asks for; exit 1 with one line on the first error."""
+def _precheck(config_name: str, argv: list[str], validate, runtime_check=None) -> bool:
+    """Compose and validate every job a command line asks for; exit 1 with one line on the first
+    error. Returns False where Hydra's own flags (--help, --cfg, ...) take over."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
-        return  # --help, --cfg, --info, -cd ...: Hydra's own business
+        return False  # --help, --cfg, --info, -cd ...: Hydra's own business
     overrides = [a for a in argv if not a.startswith("-")]
     from hydra import compose, initialize_config_module
     from omegaconf.errors import MissingMandatoryValue
 
     prog = "cl-train" if config_name == "train" else "cl-eval"
-    try:
-        sets = _override_sets(overrides)
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        def composed(ov):
+            return compose(config_name=config_name, overrides=ov)
+
+        cfg = None
+        try:
+            sets = _override_sets(overrides, multirun)
             for ov in sets:
+                cfg = None
                 try:
-                    cfg = compose(config_name=config_name, overrides=ov)
+                    cfg = composed(ov)
                 except UserError:
                     raise
                 except Exception as e:
-                    raise UserError(_explain(e, ov)) from None
+                    raise UserError(_explain(e, ov, composed)) from None
                 try:
-                    validate(cfg)
-                except MissingMandatoryValue as e:
-                    raise UserError(f"{e.full_key}: missing; give {e.full_key}=<path to a .pt checkpoint>") from None
-    except UserError as e:
-        _fail(prog, str(e))
-        sys.exit(1)
+                    cfg = validate(cfg, ov)
+                    if multirun and runtime_check is not None:
+                        runtime_check(cfg)
+                except MissingMandatoryValue as e:  # one not caught by the check of ??? values
+                    raise UserError(f"{e.full_key}: missing; give {e.full_key}=<value>") from None
+        except UserError as e:
+            message = str(e)
+            if message.split(":", 1)[0].count(".") and "unknown key" in message and "did you mean" not in message:
+                message += _did_you_mean(message.split(":", 1)[0], cfg)
+            _fail(prog, message)
+            sys.exit(1)
+    return True
+
+
+# ------------------------------------------------------------------------------------------- run dirs
+
+def _quote(value: str) -> str:
+    return value if re.fullmatch(r"[\w./\-:]+", value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _claim(pattern: str) -> str:
+    """Create the first free folder of `pattern`, `pattern_1`, `pattern_2`, ...: mkdir is atomic, so
+    two runs started in the same second get two folders."""
+    base = Path(pattern)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(10_000):
+            candidate = base if n == 0 else base.with_name(f"{base.name}_{n}")
+            try:
+                candidate.mkdir()
+                return str(candidate)
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise UserError(f"{pattern}: cannot create the run folder ({e.strerror or e})") from None
+    raise UserError(f"{pattern}: no free run folder name")
+
+
+def _check_explicit_dir(key: str, folder: str, resume: str | None, sweep: bool) -> None:
+    """An explicit hydra.run.dir / hydra.sweep.dir must be a writable folder that holds no other
+    run's checkpoints (the run being resumed there may)."""
+    import os
+
+    p = Path(folder).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{key}={folder}: exists and is not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{key}={folder}: cannot create it ({e.strerror or e})") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={folder}: not writable")
+    found = sorted(p.glob("*/checkpoints/*.pt" if sweep else "checkpoints/*.pt"))
+    if found and not (resume and Path(resume).expanduser().resolve().is_relative_to(p.resolve())):
+        raise UserError(f"{key}={folder}: holds another run's checkpoints ({found[0]}); choose a new folder"
+                        + ("" if sweep else f", or continue that run with trainer.resume={folder}"))
+
+
+def _run_dir_overrides(config_name: str, argv: list[str]) -> list[str]:
+    """hydra.run.dir / hydra.sweep.dir for Hydra: Hydra's dated folder claimed for this run alone, or
+    the user's explicit one, checked."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in argv if "=" in a}
+    if key in given:
+        _check_explicit_dir(key, given[key], given.get("trainer.resume"), sweep=multirun)
+        return []
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    overrides = [a for a in argv if not a.startswith("-") and not _is_sweep(a)]
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+            pattern = OmegaConf.select(cfg, key)
+    except Exception:
+        return []  # a pattern that needs Hydra's run-time values: leave the folder to Hydra
+    return [f"{key}={_quote(_claim(str(pattern)))}"]
+
+
+def _is_sweep(arg: str) -> bool:
+    value = arg.split("=", 1)[1] if "=" in arg else ""
+    return bool(re.search(r"(^|[^\\]),", value)) or value.startswith(("glob(", "range(", "interval(", "choice(", "tag("))
+
+
+# ------------------------------------------------------------------------------------------- jobs
+
+def _overrides() -> list[str]:
+    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("hydra")]
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
@@ -113,20 +266,39 @@ def train_job(cfg: DictConfig) -> dict | None:
     if isinstance(devices, int) and devices > 1 and not launched_by_torchrun():
         return _launch_ddp(devices, run_dir)
     try:
-        return run_training(cfg, run_dir)
+        return run_training(cfg, run_dir, _overrides())
+    except Interrupted as e:
+        print(f"cl-train: {e}", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)  # a sweep stops here too: the user asked to stop
     except UserError as e:
         _fail("cl-train", str(e))
-        return None
+    except OSError as e:  # disk full or folder gone while writing logs, metrics or pictures
+        _fail("cl-train", f"{e.filename or run_dir}: {e.strerror or e}")
+    return None
 
 
 def _launch_ddp(devices: int, run_dir: Path) -> None:
-    """`cl-train trainer.devices=N`: the same job under torchrun, N processes, in this job's run dir."""
+    """`cl-train trainer.devices=N`: the same job under torchrun, N processes, in this job's run dir.
+    SIGTERM / SIGINT are passed on, so the ranks stop together with a checkpoint."""
     import subprocess
 
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-           "-m", "contrastive_cli.train", *overrides, f"hydra.run.dir={run_dir}"]
-    code = subprocess.run(cmd).returncode
+           "-m", "contrastive_cli.train", *_overrides(), f"hydra.run.dir={_quote(str(run_dir))}"]
+    proc = subprocess.Popen(cmd)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if received:
+        sys.exit(128 + received[0])
     if code:
         _fail("cl-train", f"trainer.devices={devices}: a training process exited with status {code} (see above)")
 
@@ -135,40 +307,63 @@ def _launch_ddp(devices: int, run_dir: Path) -> None:
 def eval_job(cfg: DictConfig) -> dict | None:
     from .evaluate import run_evaluation
 
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        result = run_evaluation(cfg, Path(HydraConfig.get().runtime.output_dir))
+        result = run_evaluation(cfg, out_dir)
     except UserError as e:
         _fail("cl-eval", str(e))
+        return None
+    except OSError as e:
+        _fail("cl-eval", f"{e.filename or out_dir}: {e.strerror or e}")
         return None
     rows = [("dataset", result["dataset"]), ("n_train / n_test", f"{result['n_train']} / {result['n_test']}"),
             ("k-NN top-1 (k=200)", f"{result['knn_top1']:.4f}"), ("5-NN top-1", f"{result['knn5_top1']:.4f}"),
             ("linear top-1", f"{result['linear_top1']:.4f}")]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    print(f"wrote {Path(HydraConfig.get().runtime.output_dir) / 'eval.json'}")
+    print(f"wrote {out_dir / 'eval.json'}")
     return result
+
+
+def _main(prog: str, config_name: str, job, validate, runtime_check=None) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if _precheck(config_name, sys.argv[1:], validate, runtime_check):
+            try:
+                sys.argv += _run_dir_overrides(config_name, sys.argv[1:])
+            except UserError as e:
+                _fail(prog, str(e))
+                sys.exit(1)
+        job()
+    except KeyboardInterrupt:
+        print(f"{prog}: stopped by SIGINT", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except _Terminated:
+        print(f"{prog}: stopped by SIGTERM", file=sys.stderr, flush=True)
+        sys.exit(143)
+    if _failures:
+        sys.exit(1)
 
 
 def train() -> None:
     """`cl-train [overrides]`: pretrain an encoder."""
-    from .config import validate_train
+    from .config import validate_train_job
 
-    _precheck("train", sys.argv[1:], validate_train)
-    train_job()
-    if _failures:
-        sys.exit(1)
+    _main("cl-train", "train", train_job, validate_train_job, _runtime_check)
+
+
+def _runtime_check(cfg: DictConfig) -> None:
+    from .train import runtime_check
+
+    runtime_check(cfg)
 
 
 def evaluate() -> None:
     """`cl-eval checkpoint=<path> [overrides]`: k-NN, linear probe and t-SNE of a checkpoint."""
-    from .config import validate_eval
+    from .config import validate_eval_job
 
-    _precheck("eval", sys.argv[1:], validate_eval)
-    eval_job()
-    if _failures:
-        sys.exit(1)
+    _main("cl-eval", "eval", eval_job, validate_eval_job)
 
 
 if __name__ == "__main__":
     train()
-

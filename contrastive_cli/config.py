@@ -4,6 +4,8 @@ unknown keys anywhere (also those added with `+`), value ranges, and `_target_` 
 from __future__ import annotations
 
 import inspect
+import math
+import re
 from dataclasses import dataclass, fields
 
 from hydra.errors import InstantiationException
@@ -48,8 +50,9 @@ class TrainerCfg:
         check(self.precision in PRECISIONS, f"trainer.precision={self.precision}: choose from {', '.join(PRECISIONS)}")
         self.channels_last = str(self.channels_last).lower()
         check(self.channels_last in TRI_STATE, f"trainer.channels_last={self.channels_last}: choose from {', '.join(TRI_STATE)}")
-        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None,
               f"trainer.device={self.device}: choose from auto, cpu, cuda, cuda:N")
+        check(0 <= self.seed < 2**32, f"trainer.seed={self.seed}: must be an integer in [0, 2^32)")
 
 
 @dataclass
@@ -80,6 +83,8 @@ class EvalCfg:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None,
+              f"eval.device={self.device}: choose from auto, cpu, cuda, cuda:N")
         positive("eval.batch_size", self.batch_size, integer=True)
         positive("eval.knn_k", self.knn_k, integer=True)
         positive("eval.knn_temperature", self.knn_temperature)
@@ -92,6 +97,7 @@ class EvalCfg:
 @dataclass
 class EvalPathsCfg:
     data_dir: str | None = None  # None: the data folder stored in the checkpoint
+    image_root: str | None = None  # None: the image folder stored in the checkpoint
 
 
 DATASET_KEYS = ("name", "image_size", "channels", "num_classes", "mean", "std", "source")
@@ -140,7 +146,27 @@ def check_target_keys(node, path: str) -> None:
             check_target_keys(node[k], f"{path}.{k}")
 
 
+def finite_and_present(cfg: DictConfig) -> None:
+    """No ??? left unset, and no nan / inf anywhere: they pass every range check (nan < 0 is false)."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    if missing:
+        hint = {"checkpoint": "<path to a .pt checkpoint>", "dataset.source.root": "<folder of images>"}
+        raise UserError(f"{missing[0]}: missing; give {missing[0]}={hint.get(missing[0], '<value>')}")
+    for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
+        if isinstance(value, float) and not math.isfinite(value) and not key.startswith("hydra"):
+            raise UserError(f"{key}={value}: must be a finite number")
+
+
+def validate_train_job(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The config a cl-train job will run with (a resume's stored one), validated."""
+    if cfg.trainer.get("resume"):
+        cfg = resolve_resume(cfg, overrides)[0]
+    validate_train(cfg)
+    return cfg
+
+
 def validate_train(cfg: DictConfig) -> tuple[TrainerCfg, ScheduleCfg]:
+    finite_and_present(cfg)
     unknown_top_keys(cfg, TRAIN_KEYS)
     for group in ("method", "encoder", "augmentation", "optimizer"):
         check("_target_" in cfg[group], f"{group}: needs a _target_")
@@ -171,7 +197,13 @@ def _dry_build(cfg: DictConfig, batch_size: int) -> None:
     build(cfg.augmentation, "augmentation")
 
 
+def validate_eval_job(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    validate_eval(cfg)
+    return cfg
+
+
 def validate_eval(cfg: DictConfig) -> tuple[EvalCfg, EvalPathsCfg]:
+    finite_and_present(cfg)
     unknown_top_keys(cfg, EVAL_KEYS)
     check(isinstance(cfg.checkpoint, str) and cfg.checkpoint != "",
           f"checkpoint={cfg.checkpoint}: give the path of a checkpoint file")
@@ -191,3 +223,77 @@ def build(node, what: str, **kwargs):
             raise cause from None
         reason = str(cause or e).strip().splitlines()[0] if str(cause or e).strip() else type(cause).__name__
         raise UserError(f"{what}: {reason}") from None
+
+
+# Settings a resumed run may change: they decide how long, where and how visibly it runs, not what
+# it computes (the schedule follows the new trainer.epochs from the resumed step on).
+RESUMABLE = ("trainer.epochs", "trainer.device", "trainer.workers", "trainer.log_every", "trainer.checkpoint_every",
+             "trainer.knn_monitor", "trainer.compile", "trainer.collapse_ratio", "trainer.collapse_patience",
+             "trainer.resume", "paths.data_dir", "dataset.source.root")
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The config keys (or group names) that command-line overrides set, hydra.* left out."""
+    keys = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        if key and not key.startswith(("hydra.", "hydra/")) and key != "hydra":
+            keys.append(key.replace("/", "."))
+    return keys
+
+
+def flatten(node, prefix: str = "") -> dict:
+    """{dotted key: leaf value} of a nested dict (a config as a container)."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def move_data(cfg: DictConfig, data_dir: str) -> None:
+    """Point a resolved config at another paths.data_dir: the dataset's root moves with it where
+    it came from there (the named datasets; an image folder's root is its own setting)."""
+    source = cfg.dataset.source
+    if "root" in source and source.root == cfg.paths.data_dir:
+        source.root = data_dir
+    cfg.paths.data_dir = data_dir
+
+
+def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None):
+    """The config a resume runs with: the checkpoint's own, plus the RESUMABLE settings asked for.
+    `overrides`: the command line's (only the keys it names are compared); None compares all of
+    `cfg`. Any other asked-for difference is one UserError naming the keys. Returns (cfg, path, ckpt)."""
+    from . import checkpoint
+
+    path, ckpt = checkpoint.locate(cfg.trainer.resume)
+    stored = OmegaConf.create(ckpt["config"])
+    mine = flatten(OmegaConf.to_container(cfg, resolve=True))
+    mine.pop("hydra", None)
+    theirs = flatten(OmegaConf.to_container(stored, resolve=True))
+    asked = list(mine) if overrides is None else override_keys(overrides)
+
+    def under(key: str, prefix: str) -> bool:
+        return key == prefix or key.startswith(prefix + ".")
+
+    changed = {}
+    for a in dict.fromkeys(asked):
+        keys = sorted(k for k in set(mine) | set(theirs)
+                      if under(k, a) and not k.startswith(RESUMABLE) and mine.get(k) != theirs.get(k))
+        if len(keys) == 1:
+            changed[keys[0]] = f"{keys[0]} ({theirs.get(keys[0], '-')} -> {mine.get(keys[0], '-')})"
+        elif keys:  # a group: name it once
+            changed[a] = f"{a} ({', '.join(k.split('.', 1)[-1] for k in keys[:3])}{' ...' if len(keys) > 3 else ''})"
+    if changed:
+        allowed = ", ".join(k.split(".", 1)[1] for k in RESUMABLE if k.startswith("trainer."))
+        raise UserError(f"trainer.resume={cfg.trainer.resume}: a resumed run keeps the settings it was started "
+                        f"with; these differ: {', '.join(changed.values())}. Only trainer.{{{allowed}}}, "
+                        "paths.data_dir and dataset.source.root may change (start a new run for the rest)")
+    for key in RESUMABLE:
+        if any(under(key, a) or under(a, key) for a in asked) and key != "paths.data_dir" and OmegaConf.select(
+                cfg, key) is not None:
+            OmegaConf.update(stored, key, OmegaConf.select(cfg, key), merge=False)
+    if any(under("paths.data_dir", a) for a in asked) and mine["paths.data_dir"] != theirs.get("paths.data_dir"):
+        move_data(stored, mine["paths.data_dir"])
+    return stored, path, ckpt

@@ -7,6 +7,7 @@ Small datasets are held in memory once; augmentation happens later, on the devic
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import zlib
 from collections.abc import Iterator
@@ -45,12 +46,47 @@ class FolderImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
+        return decode_image(self.paths[i], self.size), int(self.labels[i])
 
-        with Image.open(self.paths[i]) as img:
-            img = img.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-            x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
-        return x, int(self.labels[i])
+
+def decode_image(path: str, size: int) -> torch.Tensor:
+    """uint8 RGB (3, size, size) from any file Pillow reads (grey, palette, RGBA converted)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+class _Readable(Dataset):
+    """Item i: whether file i decodes (a truncated or foreign file raises inside Pillow)."""
+
+    def __init__(self, paths: list[str], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> bool:
+        try:
+            decode_image(self.paths[i], self.size)
+        except Exception:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError ...
+            return False
+        return True
+
+
+def readable_images(paths: list[str], size: int, workers: int = 2) -> list[bool]:
+    """Decode every file once (in worker processes), so a bad file is found before training, not in
+    the middle of an epoch; unreadable ones are listed in one warning."""
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(_Readable(paths, size), batch_size=None, num_workers=workers if len(paths) > 256 else 0)
+    ok = [bool(r) for r in tqdm(loader, total=len(paths), desc="checking images", leave=False, delay=1.0)]
+    bad = [p for p, good in zip(paths, ok, strict=True) if not good]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        logging.getLogger(__name__).warning("skipped %d unreadable image file(s): %s", len(bad), shown)
+    return ok
 
 
 @dataclass
@@ -70,13 +106,14 @@ class _AugmentedBatches(Dataset):
     """Item k is batch k, augmented on the CPU inside a DataLoader worker (augmentation.on_device=false),
     with a generator seeded from (aug_seed, k) so the views do not depend on the worker count."""
 
-    def __init__(self, data: Dataset, batches: list[torch.Tensor], augment, aug_seed: int):
-        self.data, self.batches, self.augment, self.aug_seed = data, batches, augment, aug_seed
+    def __init__(self, data: Dataset, batches: list[torch.Tensor], augment, aug_seed: int, start: int = 0):
+        self.data, self.batches, self.augment, self.aug_seed, self.start = data, batches, augment, aug_seed, start
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.batches) - self.start
 
     def __getitem__(self, k: int):
+        k += self.start  # the seed follows the batch's place in the epoch, not in this (resumed) pass
         idx = self.batches[k]
         if isinstance(self.data, TensorImages):
             x, y = self.data.images[idx], self.data.labels[idx]
@@ -91,12 +128,14 @@ class _AugmentedBatches(Dataset):
 def iterate_batches(
     data: Dataset, batch_size: int, seed: int, epoch: int, workers: int = 0, pin: bool = False,
     shuffle: bool = True, drop_last: bool = True, rank: int = 0, world: int = 1, augment=None, aug_seed: int = 0,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield (uint8 images, labels) batches of `batch_size` per process. The order depends only on
     (seed, epoch), so a resumed run sees the same batches as a straight one; with `world` processes,
     global batch k is slice k of that order and rank r gets its r-th part (a distributed sampler
     whose union over ranks is exactly the single-process batch of world * batch_size).
-    With `augment`, batches are augmented on the CPU in `workers` processes and come as (view1, view2, labels)."""
+    With `augment`, batches are augmented on the CPU in `workers` processes and come as (view1, view2, labels).
+    `start`: skip the epoch's first batches (resuming inside an epoch); the rest are as they would have been."""
     n = len(data)
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -109,18 +148,18 @@ def iterate_batches(
     if augment is not None:
         stop = n - n % batch_size if drop_last else n
         batches = list(order[:stop].split(batch_size)) if stop else []
-        yield from DataLoader(_AugmentedBatches(data, batches, augment, aug_seed), batch_size=None,
+        yield from DataLoader(_AugmentedBatches(data, batches, augment, aug_seed, start), batch_size=None,
                               num_workers=workers, pin_memory=pin, persistent_workers=False)
         return
     if isinstance(data, TensorImages):
         stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            idx = order[start : start + batch_size]
+        for first in range(start * batch_size, stop, batch_size):
+            idx = order[first : first + batch_size]
             x, y = data.images[idx], data.labels[idx]
             yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
         return
     loader = DataLoader(
-        data, batch_size=batch_size, sampler=order.tolist(), num_workers=workers,
+        data, batch_size=batch_size, sampler=order[start * batch_size :].tolist(), num_workers=workers,
         pin_memory=pin, drop_last=drop_last, persistent_workers=False,
     )
     yield from loader
@@ -286,12 +325,16 @@ def load_imagefolder(root: str, image_size: int = 64, test_fraction: float = 0.2
         index = ImageFolder(root)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"dataset.source.root={root}: {str(e).splitlines()[0]}") from None
-    labels = np.array(index.targets)
+    ok = readable_images([p for p, _ in index.samples], image_size)
+    samples = [s for s, good in zip(index.samples, ok, strict=True) if good]
+    if not samples:
+        raise UserError(f"dataset.source.root={root}: none of its {len(ok)} image files could be read")
+    labels = np.array([y for _, y in samples])
     counts = np.bincount(labels)
     if len(counts) < 2 or counts.min() < 2:
-        raise UserError(f"dataset.source.root={root}: need at least 2 classes with 2 images each")
+        raise UserError(f"dataset.source.root={root}: need at least 2 classes with 2 readable images each")
     tr, te = _stratified_split(labels, test_fraction, seed)
-    paths = [p for p, _ in index.samples]
+    paths = [p for p, _ in samples]
 
     def subset(ix: np.ndarray) -> FolderImages:
         return FolderImages([paths[i] for i in ix], labels[ix].tolist(), list(index.classes), image_size)

@@ -27,9 +27,16 @@ def setup(device_type: str) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local
 
 
-def cleanup() -> None:
+def cleanup(barrier: bool = True) -> None:
+    """Leave the process group together: a rank that tears it down while another still talks to it
+    makes gloo abort that rank ("terminate called without an active exception"). After an error on
+    one rank alone the others may never reach the barrier: `barrier=False` then."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if barrier:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
 from .data import iterate_batches, num_batches
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .methods.base import Method
 
 log = logging.getLogger(__name__)
@@ -46,14 +48,15 @@ class CollapseMonitor:
     low_epochs: int = 0
     warned: bool = False
 
-    def update(self, std: float, dim: int, epoch: int) -> bool:
+    def update(self, std: float, dim: int, epoch: int, quiet: bool = False) -> bool:
         self.low_epochs = self.low_epochs + 1 if std * math.sqrt(dim) < self.ratio else 0
         if self.low_epochs >= self.patience and not self.warned:
             self.warned = True
-            log.warning(
-                "embeddings look collapsed since epoch %d (std %.4f < %.2f/sqrt(%d)); likely causes: lr too high "
-                "for the optimizer, EMA momentum too low, or no predictor (BYOL)", epoch - self.patience + 1, std,
-                self.ratio, dim)
+            if not quiet:
+                log.warning(
+                    "embeddings look collapsed since epoch %d (std %.4f < %.2f/sqrt(%d)); likely causes: lr too "
+                    "high for the optimizer, EMA momentum too low, or no predictor (BYOL)",
+                    epoch - self.patience + 1, std, self.ratio, dim)
         return self.warned
 
 
@@ -82,6 +85,32 @@ class TrainState:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     monitor: CollapseMonitor = field(default_factory=CollapseMonitor)
+    batch: int = 0  # batches of epoch `epoch` already done (a checkpoint written on a signal)
+    partial: dict | None = None  # that epoch's metric sums, view generator state and elapsed time
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT set `signum` instead of killing the process, so the loop can
+    finish its step, write a checkpoint and leave (clusters send SIGTERM before preemption).
+    Repeated signals are ignored: stopping takes at most one step and one save."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._set) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _set(self, signum: int, frame) -> None:
+        if not self.signum:
+            self.signum = signum
+            log.warning("%s received: stopping after this step with a checkpoint", signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -128,73 +157,116 @@ def fit(
     augment: nn.Module, data, loop: Loop, prec: Precision, state: TrainState, run_dir: Path,
     config_yaml: str, model: Callable | None = None,
 ) -> TrainState:
-    """Train from `state.epoch` to `loop.epochs`; rank 0 writes metrics.csv and checkpoints after
-    every epoch. `model` is what runs the step (the method, or it wrapped in DDP / torch.compile)."""
+    """Train from `state.epoch` (batch `state.batch`) to `loop.epochs`; rank 0 writes metrics.csv and
+    checkpoints after every epoch, and one more when SIGTERM / SIGINT arrives, after the current
+    step, before raising Interrupted. `model` is what runs the step (the method, or it wrapped in
+    DDP / torch.compile)."""
     model = model or method
     main = loop.rank == 0
     steps_per_epoch = num_batches(data, loop.batch_size, world=loop.world)
     total = loop.epochs * steps_per_epoch
     ckpt_dir = run_dir / "checkpoints"
     generator = torch.Generator(device=prec.device)
-    start = time.perf_counter() - (state.history[-1]["time"] if state.history else 0.0)
+    elapsed = state.partial["elapsed"] if state.partial else state.history[-1]["time"] if state.history else 0.0
+    start = time.perf_counter() - elapsed
+    cpu_views = not getattr(augment, "on_device", True)
     method.train()
-    for epoch in range(state.epoch, loop.epochs):
-        # the views depend only on (seed, epoch, rank): a resumed run draws the same ones
-        generator.manual_seed(loop.seed * 1_000_003 + epoch * 1_009 + loop.rank)
-        sums = torch.zeros(3, device=prec.device)  # loss, emb_std, neg_cos: read once per epoch
-        cpu_views = not getattr(augment, "on_device", True)
-        batches = iterate_batches(data, loop.batch_size, loop.seed, epoch, loop.workers,
-                                  pin=prec.device.type == "cuda", rank=loop.rank, world=loop.world,
-                                  augment=augment if cpu_views else None,
-                                  aug_seed=loop.seed * 1_009 + epoch * 101 + loop.rank)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{loop.epochs}", leave=False,
-                   dynamic_ncols=True, disable=not main)
-        for batch in bar:
-            x1, x2, y = make_views(batch, augment, generator, prec, cpu_views)
-            out = optimizer_step(model, x1, x2, y, optimizer, scaler, prec)
-            scheduler.step()
-            state.step += 1
-            method.on_step_end(state.step / total)
-            now = torch.cat([out.loss.detach().float().view(1), collapse_stats(out.z1, out.z2)])
-            sums += now
-            if state.step % loop.log_every == 0:  # the only host sync inside the epoch
-                # averaged over ranks, so a non-finite loss stops every rank at the same step
-                loss, std, neg_cos = distributed.mean(now).tolist()
-                _check_finite(loss, epoch, state.step, ckpt_dir)
-                bar.set_postfix(step=state.step, loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}",
-                                std=f"{std:.3f}", neg_cos=f"{neg_cos:.2f}")
-        bar.close()
-        epoch_loss, emb_std, neg_cos = distributed.mean(sums / max(1, steps_per_epoch)).tolist()
-        _check_finite(epoch_loss, epoch, state.step, ckpt_dir)
-        state.epoch = epoch + 1
-        row = {"epoch": state.epoch, "step": state.step, "loss": epoch_loss,
-               "lr": optimizer.param_groups[0]["lr"], "time": round(time.perf_counter() - start, 3),
-               "emb_std": emb_std, "neg_cos": neg_cos}
-        state.history.append(row)
-        if not main:
-            continue
-        log.info("epoch %d/%d  step %d  loss %.4f  lr %.4g  emb_std %.4f  neg_cos %.3f  %.1fs", state.epoch,
-                 loop.epochs, state.step, epoch_loss, row["lr"], emb_std, neg_cos, row["time"])
-        state.monitor.update(emb_std, out.z1.shape[1], state.epoch)
-        write_metrics(state.history, run_dir / "metrics.csv")
-        payload = {
+
+    def payload(**extra) -> dict:
+        bad = checkpoint.non_finite(method.state_dict())
+        if bad:  # never replace the last finite checkpoint with a diverged one
+            raise UserError(f"weights became non-finite ({bad}) by step {state.step}; {_last_good(ckpt_dir)} "
+                            "(try a lower optimizer.lr or trainer.precision=fp32)")
+        return {
             "config": config_yaml, "epoch": state.epoch, "step": state.step, "history": state.history,
             "model": method.state_dict(), "encoder": method.encoder.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
+            "monitor": {"low_epochs": state.monitor.low_epochs, "warned": state.monitor.warned}, **extra,
         }
-        checkpoint.save_atomic(payload, ckpt_dir / "last.pt")
-        if state.epoch % loop.checkpoint_every == 0 or state.epoch == loop.epochs:
-            checkpoint.save_atomic(payload, ckpt_dir / f"epoch_{state.epoch:04d}.pt")
+
+    with StopSignals() as stop:
+        for epoch in range(state.epoch, loop.epochs):
+            # the views depend only on (seed, epoch, rank) and the batch's place: a resumed run draws the same
+            generator.manual_seed(loop.seed * 1_000_003 + epoch * 1_009 + loop.rank)
+            sums = torch.zeros(3, device=prec.device)  # loss, emb_std, neg_cos: read once per epoch
+            first = state.batch if epoch == state.epoch else 0
+            if first:
+                generator.set_state(state.partial["generator"])
+                sums = state.partial["sums"].to(prec.device)
+            batches = iterate_batches(data, loop.batch_size, loop.seed, epoch, loop.workers,
+                                      pin=prec.device.type == "cuda", rank=loop.rank, world=loop.world,
+                                      augment=augment if cpu_views else None,
+                                      aug_seed=loop.seed * 1_009 + epoch * 101 + loop.rank, start=first)
+            bar = tqdm(batches, total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{loop.epochs}",
+                       leave=False, dynamic_ncols=True, disable=not main)
+            for i, batch in enumerate(bar, start=first):
+                x1, x2, y = make_views(batch, augment, generator, prec, cpu_views)
+                out = optimizer_step(model, x1, x2, y, optimizer, scaler, prec)
+                scheduler.step()
+                state.step += 1
+                method.on_step_end(state.step / total)
+                now = torch.cat([out.loss.detach().float().view(1), collapse_stats(out.z1, out.z2)])
+                sums += now
+                stopping = stop.signum if loop.world == 1 else 0
+                if state.step % loop.log_every == 0:  # the only host sync inside the epoch
+                    # averaged over ranks, so a non-finite loss or a signal stops every rank at the same step
+                    loss, std, neg_cos, signum = distributed.mean(
+                        torch.cat([now, now.new_tensor([stop.signum])])).tolist()
+                    stopping = stopping or (stop.signum or signal.SIGTERM if signum else 0)
+                    _check_finite(loss, epoch, state.step, ckpt_dir)
+                    bar.set_postfix(step=state.step, loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}",
+                                    std=f"{std:.3f}", neg_cos=f"{neg_cos:.2f}")
+                if stopping and i + 1 < steps_per_epoch:
+                    bar.close()
+                    partial = {"sums": sums.cpu(), "generator": generator.get_state(),
+                               "elapsed": time.perf_counter() - start}
+                    _stop(stopping, main, payload(batch=i + 1, partial=partial), ckpt_dir, state, epoch, i + 1,
+                          steps_per_epoch)
+            bar.close()
+            state.batch, state.partial = 0, None
+            epoch_loss, emb_std, neg_cos, signum = distributed.mean(torch.cat(
+                [sums / max(1, steps_per_epoch), sums.new_tensor([stop.signum])])).tolist()
+            _check_finite(epoch_loss, epoch, state.step, ckpt_dir)
+            state.epoch = epoch + 1
+            row = {"epoch": state.epoch, "step": state.step, "loss": epoch_loss,
+                   "lr": optimizer.param_groups[0]["lr"], "time": round(time.perf_counter() - start, 3),
+                   "emb_std": emb_std, "neg_cos": neg_cos}
+            state.history.append(row)
+            state.monitor.update(emb_std, out.z1.shape[1], state.epoch, quiet=not main)
+            record = payload(batch=0)
+            if main:
+                log.info("epoch %d/%d  step %d  loss %.4f  lr %.4g  emb_std %.4f  neg_cos %.3f  %.1fs", state.epoch,
+                         loop.epochs, state.step, epoch_loss, row["lr"], emb_std, neg_cos, row["time"])
+                write_metrics(state.history, run_dir / "metrics.csv")
+                checkpoint.save_atomic(record, ckpt_dir / "last.pt")
+                if state.epoch % loop.checkpoint_every == 0 or state.epoch == loop.epochs:
+                    checkpoint.save_atomic(record, ckpt_dir / f"epoch_{state.epoch:04d}.pt")
+            if (stop.signum or signum) and state.epoch < loop.epochs:
+                _stop(stop.signum or signal.SIGTERM, main, None, ckpt_dir, state, state.epoch, 0, steps_per_epoch)
     return state
+
+
+def _stop(signum: int, main: bool, record: dict | None, ckpt_dir: Path, state: TrainState, epoch: int,
+          batch: int, steps_per_epoch: int) -> None:
+    """Write the checkpoint of a signal (rank 0), then leave the loop with Interrupted."""
+    last = ckpt_dir / "last.pt"
+    if main and record is not None:
+        checkpoint.save_atomic(record, last)
+    where = f"epoch {epoch + 1}, batch {batch} of {steps_per_epoch}" if batch else f"the end of epoch {epoch}"
+    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at {where} (step {state.step}); "
+                              f"saved {last}; continue with trainer.resume={ckpt_dir.parent}")
+
+
+def _last_good(ckpt_dir: Path) -> str:
+    last = ckpt_dir / "last.pt"
+    return f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written"
 
 
 def _check_finite(loss: float, epoch: int, step: int, ckpt_dir: Path) -> None:
     if not math.isfinite(loss):
-        last = ckpt_dir / "last.pt"
-        kept = f"; last good checkpoint: {last}" if last.exists() else ""
         raise UserError(f"loss became {loss} at epoch {epoch + 1}, step {step} (try a lower optimizer.lr "
-                        f"or trainer.precision=fp32){kept}")
+                        f"or trainer.precision=fp32); {_last_good(ckpt_dir)}")
 
 
 def write_metrics(history: list[dict], path: Path) -> None:

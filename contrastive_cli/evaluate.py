@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,9 @@ from tqdm.auto import tqdm
 
 from .augment import normalize
 from .data import iterate_batches, num_batches
+from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -39,7 +44,9 @@ def knn_predict(train_f: Tensor, train_y: Tensor, test_f: Tensor, num_classes: i
     for start in range(0, len(test_f), chunk):
         sim = F.normalize(test_f[start : start + chunk], dim=1) @ train_f.t()  # chunk x N_train
         top_sim, top_idx = sim.topk(k, dim=1)
-        votes = (top_sim / temperature).exp() if weighted else torch.ones_like(top_sim)
+        # each row's largest similarity subtracted first: exp(sim / T) overflows float32 for T below
+        # about 0.011, and every vote of a row scaled alike leaves its argmax where it was
+        votes = ((top_sim - top_sim[:, :1]) / temperature).exp() if weighted else torch.ones_like(top_sim)
         scores = torch.zeros(len(sim), num_classes, device=sim.device)
         scores.scatter_add_(1, train_y[top_idx], votes)
         preds.append(scores.argmax(1))
@@ -149,21 +156,28 @@ def run_evaluation(cfg, out_dir) -> dict:
     from omegaconf import OmegaConf
 
     from . import checkpoint
-    from .config import build, validate_eval
+    from .config import build, move_data, validate_eval
     from .train import build_model, resolve_device
 
     e, paths = validate_eval(cfg)
     ckpt = checkpoint.load(cfg.checkpoint)
     train_cfg = OmegaConf.create(ckpt["config"])
     ds = train_cfg.dataset
-    # the stored config is resolved: move the data root only where it came from paths.data_dir
-    if paths.data_dir is not None and ds.source.get("root") == train_cfg.paths.data_dir:
-        ds.source.root = paths.data_dir
+    if paths.data_dir is not None:  # the data has moved since training
+        move_data(train_cfg, paths.data_dir)
+    if paths.image_root is not None and ds.name == "imagefolder":
+        ds.source.root = paths.image_root
+    log.info("evaluating %s (epoch %d, step %d): %s on %s", cfg.checkpoint, ckpt["epoch"], ckpt["step"],
+             train_cfg.method._target_.rsplit(".", 1)[-1], ds.name)
     device = resolve_device(e.device)
     encoder, _ = build_model(train_cfg)
     encoder.load_state_dict(ckpt["encoder"])
     encoder.to(device)
-    splits = build(ds.source, "dataset")
+    try:
+        splits = build(ds.source, "dataset")
+    except UserError as err:
+        where = "paths.image_root=<its folder now>" if ds.name == "imagefolder" else "paths.data_dir=<where it is now>"
+        raise UserError(f"{err} (if the data has moved since training, give {where})") from None
     tr_f, tr_y = extract_features(encoder, splits.eval_train, ds.mean, ds.std, device, e.batch_size, "train features")
     te_f, te_y = extract_features(encoder, splits.test, ds.mean, ds.std, device, e.batch_size, "test features")
     classes = list(getattr(splits.test, "classes", []))
@@ -182,4 +196,7 @@ def run_evaluation(cfg, out_dir) -> dict:
         result["tsne_points"] = tsne_png(te_f, te_y, classes, out / "tsne.png", e.tsne_samples, e.seed,
                                          f"t-SNE of {ds.name} test features ({result['method'].rsplit('.', 1)[-1]})")
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    log.info("k-NN top-1 (k=%d, T=%g) %.4f, 5-NN top-1 %.4f, linear top-1 %.4f on %d test images; wrote %s",
+             e.knn_k, e.knn_temperature, result["knn_top1"], result["knn5_top1"], result["linear_top1"],
+             result["n_test"], out / "eval.json")
     return result

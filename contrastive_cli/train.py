@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import checkpoint, distributed
-from .config import TrainerCfg, build, validate_train
+from .config import TrainerCfg, build, resolve_resume, typed, validate_train
 from .data import TensorImages, num_batches
 from .engine import CollapseMonitor, Loop, Precision, TrainState, fit
 from .errors import UserError, check
@@ -32,7 +32,23 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     check(dev.type != "cuda" or torch.cuda.is_available(), f"device={name}: CUDA is not available here (use auto or cpu)")
+    check(dev.type != "cuda" or dev.index is None or dev.index < torch.cuda.device_count(),
+          f"device={name}: this machine has {torch.cuda.device_count() if dev.type == 'cuda' else 0} CUDA device(s)")
     return dev
+
+
+_checked_data: dict[str, object] = {}
+
+
+def runtime_check(cfg: DictConfig) -> None:
+    """What a job of a sweep can be checked for before any job trains: the device, the data
+    (loaded once per dataset setting) and the batch size against it."""
+    t = typed("trainer", cfg.trainer, TrainerCfg)
+    resolve_device(t.device)
+    key = OmegaConf.to_yaml(cfg.dataset, resolve=True)
+    if key not in _checked_data:
+        _checked_data[key] = build(cfg.dataset.source, "dataset")
+    check_data(cfg, t, _checked_data[key], t.devices, bool(cfg.method.get("supervised", False)))
 
 
 def resolve_precision(t: TrainerCfg, device: torch.device) -> Precision:
@@ -57,10 +73,18 @@ def build_model(cfg: DictConfig):
     return encoder, method
 
 
-def run_training(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """Train as the config says; under torchrun, as one rank of the job. Returns rank 0's summary."""
+def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict | None:
+    """Train as the config says; under torchrun, as one rank of the job. Returns rank 0's summary.
+    With trainer.resume, the checkpoint's own config is used (`config.resolve_resume`; `overrides`
+    are the command line's, None compares all of `cfg` with it)."""
+    resume = resume_path = None
+    if cfg.trainer.get("resume"):  # a bad path or a changed setting fails before any work
+        cfg, resume_path, resume = resolve_resume(cfg, overrides)
+        log.info("resuming from %s (epoch %d, step %d)", resume_path, resume["epoch"], resume["step"])
     t, sched = validate_train(cfg)
-    resume = checkpoint.load(t.resume, "trainer.resume") if t.resume else None  # a bad path fails before any work
+    checkpoint.remove_orphans(run_dir / "checkpoints")
+    if resume_path is not None:
+        checkpoint.remove_orphans(resume_path.parent)
     device = resolve_device(t.device)
     rank, world, local = distributed.setup(device.type)
     if device.type == "cuda" and world > 1:
@@ -74,16 +98,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict | None:
     augment = build(cfg.augmentation, "augmentation")
     splits = build(cfg.dataset.source, "dataset")
     train = splits.train
-    if isinstance(train, TensorImages):
-        check(train.images.shape[1] == cfg.dataset.channels,
-              f"dataset.channels={cfg.dataset.channels}: the images have {train.images.shape[1]}")
-    if method.needs_labels:  # checked up front: failing inside a DDP step would hang the other ranks
-        labels = train.labels if isinstance(train.labels, torch.Tensor) else torch.tensor(train.labels)
-        check(bool((labels >= 0).all()), f"method.supervised=true: dataset {cfg.dataset.name}'s training split "
-                                          "has unlabeled images; use a labeled split or supervised=false")
-    steps = num_batches(train, t.batch_size, world=world)
-    check(steps > 0, f"trainer.batch_size={t.batch_size}: x {world} process(es) is larger than the training set "
-                     f"({len(train)} images)")
+    steps = check_data(cfg, t, splits, world, method.needs_labels)
 
     method.to(device)
     if augment.on_device:
@@ -95,6 +110,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict | None:
     optimizer = build_optimizer(build(cfg.optimizer, "optimizer"), method, lr, cfg.optimizer.weight_decay,
                                 fused=device.type == "cuda")
     factor = warmup_cosine(t.epochs * steps, round(sched.warmup_epochs * steps), sched.final_lr_ratio)
+    if sched.warmup_epochs > t.epochs and rank == 0:
+        log.warning("schedule.warmup_epochs=%g is longer than the run (trainer.epochs=%d): the lr only reaches "
+                    "%.0f%% of its peak; lower schedule.warmup_epochs", sched.warmup_epochs, t.epochs,
+                    100 * factor(t.epochs * steps - 1))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler(device.type, enabled=prec.dtype == torch.float16)
     state = TrainState(monitor=CollapseMonitor(t.collapse_ratio, t.collapse_patience))
@@ -102,6 +121,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict | None:
         state = _restore(resume, method, optimizer, scheduler, scaler, t)
     model = _wrap(method, t, world, device)
 
+    if rank == 0 and resume is not None and (run_dir / ".hydra").is_dir():
+        # Hydra saved the config composed from the command line; what runs is the checkpoint's
+        (run_dir / ".hydra" / "config.yaml").write_text(
+            f"# the config of {resume_path}, which this run resumes\n" + OmegaConf.to_yaml(cfg, resolve=True))
     if rank == 0:
         log.info("training %s on %s (%d images, %d steps/epoch, global batch %d over %d process(es)) on %s, "
                  "precision %s; run dir %s", cfg.method._target_.rsplit(".", 1)[-1], cfg.dataset.name, len(train),
@@ -113,11 +136,32 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict | None:
     try:
         state = fit(method, optimizer, scheduler, scaler, augment, train, loop, prec, state, run_dir,
                     OmegaConf.to_yaml(cfg, resolve=True), model=model)
-    finally:
-        distributed.cleanup()
+    except BaseException:
+        distributed.cleanup(barrier=False)
+        raise
+    distributed.cleanup()
     if rank != 0:
         return None
-    return _summarize(cfg, t, method, splits, state, run_dir, device, time.perf_counter() - wall)
+    written = resume is None or state.step > resume["step"]
+    last = run_dir / "checkpoints" / "last.pt" if written else resume_path  # nothing trained: name what was read
+    return _summarize(cfg, t, method, splits, state, run_dir, device, time.perf_counter() - wall, last)
+
+
+def check_data(cfg: DictConfig, t: TrainerCfg, splits, world: int, needs_labels: bool) -> int:
+    """What can be checked on the loaded data before training: channels, labels where the method
+    needs them, at least one batch per epoch. Returns the steps per epoch."""
+    train = splits.train
+    if isinstance(train, TensorImages):
+        check(train.images.shape[1] == cfg.dataset.channels,
+              f"dataset.channels={cfg.dataset.channels}: the images have {train.images.shape[1]}")
+    if needs_labels:  # checked up front: failing inside a DDP step would hang the other ranks
+        labels = train.labels if isinstance(train.labels, torch.Tensor) else torch.tensor(train.labels)
+        check(bool((labels >= 0).all()), f"method.supervised=true: dataset {cfg.dataset.name}'s training split "
+                                          "has unlabeled images; use a labeled split or supervised=false")
+    steps = num_batches(train, t.batch_size, world=world)
+    check(steps > 0, f"trainer.batch_size={t.batch_size}: x {world} process(es) is larger than the training set "
+                     f"({len(train)} images)")
+    return steps
 
 
 def _wrap(method: Method, t: TrainerCfg, world: int, device: torch.device):
@@ -139,11 +183,10 @@ def _wrap(method: Method, t: TrainerCfg, world: int, device: torch.device):
 
 
 def _summarize(cfg, t: TrainerCfg, method: Method, splits, state: TrainState, run_dir: Path,
-               device: torch.device, wall: float) -> dict:
+               device: torch.device, wall: float, last: Path) -> dict:
     summary = {"method": cfg.method._target_, "dataset": cfg.dataset.name, "epochs": state.epoch,
                "steps": state.step, "final_loss": state.history[-1]["loss"] if state.history else None,
-               "wall_time_s": round(wall, 2), "collapse_warning": state.monitor.warned,
-               "checkpoint": str(run_dir / "checkpoints" / "last.pt")}
+               "wall_time_s": round(wall, 2), "collapse_warning": state.monitor.warned, "checkpoint": str(last)}
     if state.history:
         loss_png(state.history, run_dir / "loss.png", f"{summary['method'].rsplit('.', 1)[-1]} on {cfg.dataset.name}")
     if t.knn_monitor:
@@ -170,8 +213,9 @@ def _restore(ckpt: dict, method, optimizer, scheduler, scaler, t: TrainerCfg) ->
     checkpoint.set_rng_state(ckpt["rng"])
     if ckpt["epoch"] >= t.epochs:
         log.info("checkpoint already has %d of %d epochs: nothing to train", ckpt["epoch"], t.epochs)
-    monitor = CollapseMonitor(t.collapse_ratio, t.collapse_patience)
-    return TrainState(epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]), monitor=monitor)
+    monitor = CollapseMonitor(t.collapse_ratio, t.collapse_patience, **ckpt.get("monitor", {}))
+    return TrainState(epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]), monitor=monitor,
+                      batch=ckpt.get("batch", 0), partial=ckpt.get("partial"))
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m contrastive_cli.train [overrides]

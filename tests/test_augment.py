@@ -91,3 +91,17 @@ def test_blur_and_solarize_act_per_sample():
 def test_bad_recipe_values_are_rejected(bad):
     with pytest.raises(UserError):
         recipe(**bad)
+
+
+def test_crops_touching_the_edge_repeat_it_instead_of_fading_to_black():
+    # the whole 8 x 8 white image upscaled to 32: the outer samples fall within half a pixel of the
+    # edge, where zero padding blended in black (0.625 instead of 1.0)
+    aug = recipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+    out = aug(torch.full((4, 3, 8, 8), 255, dtype=torch.uint8), torch.Generator().manual_seed(0))
+    white = (1.0 - torch.tensor(MEAN3)) / torch.tensor(STD3)
+    assert torch.allclose(out, white.view(1, 3, 1, 1).expand_as(out), atol=1e-5)
+    # a rotation reaches outside the image: there, black as torchvision's RandomRotation fills
+    rotated = recipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
+                     solarize_p=0.0, rotate_deg=45)(torch.full((64, 3, 8, 8), 255, dtype=torch.uint8),
+                                                    torch.Generator().manual_seed(0))
+    assert rotated.amin() < white.amin() - 1.0

@@ -1,4 +1,5 @@
 import os
+import zipfile
 
 import pytest
 import torch
@@ -7,39 +8,144 @@ from contrastive_cli import checkpoint
 from contrastive_cli.errors import UserError
 
 
+def payload(epoch: int = 1, weight: torch.Tensor | None = None) -> dict:
+    """What cl-train writes, in small."""
+    w = torch.linspace(-1, 1, 1000) if weight is None else weight
+    model = {"encoder.w": w, "encoder.bn.running_var": torch.ones(4), "head.b": torch.zeros(3)}
+    return {"config": "trainer:\n  epochs: 2\n", "epoch": epoch, "step": 10 * epoch, "history": [{"loss": 1.5}],
+            "model": model, "encoder": {"w": w, "bn.running_var": torch.ones(4)}, "optimizer": {"state": {}},
+            "scheduler": {"last_epoch": 10 * epoch}, "scaler": {}, "rng": checkpoint.rng_state()}
+
+
 def test_save_is_atomic_and_loads_back(tmp_path):
     path = tmp_path / "ckpt" / "last.pt"
-    checkpoint.save_atomic({"epoch": 3, "model": {"w": torch.ones(2)}}, path)
+    checkpoint.save_atomic(payload(3), path)
     assert checkpoint.load(path)["epoch"] == 3
     assert os.listdir(path.parent) == ["last.pt"]  # no temporary file left behind
 
 
 def test_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    checkpoint.save_atomic({"epoch": 1}, path)
+    checkpoint.save_atomic(payload(1), path)
 
     def boom(*args, **kwargs):
-        raise OSError("disk full")
+        raise RuntimeError("serialisation failed")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
-        checkpoint.save_atomic({"epoch": 2}, path)
+    with pytest.raises(RuntimeError):
+        checkpoint.save_atomic(payload(2), path)
     monkeypatch.undo()
     assert checkpoint.load(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
-def test_foreign_and_torn_files_are_refused(tmp_path):
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic(payload(1), path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError, match="cannot write checkpoint .*last.pt: No space left on device.*kept"):
+        checkpoint.save_atomic(payload(2), path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["epoch"] == 1 and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_foreign_torn_and_incomplete_files_are_refused(tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.ones(1)}, plain)
     with pytest.raises(UserError, match="not a cl-train checkpoint"):
         checkpoint.load(plain)
     good = tmp_path / "good.pt"
-    checkpoint.save_atomic({"epoch": 1, "model": {"w": torch.randn(1000)}}, good)
+    checkpoint.save_atomic(payload(), good)
     torn = tmp_path / "torn.pt"
     torn.write_bytes(good.read_bytes()[:-100])
     with pytest.raises(UserError, match="truncated"):
         checkpoint.load(torn)
+    # the format tag, but not the keys a resume or an evaluation reads
+    partial = tmp_path / "partial.pt"
+    torch.save({"format": checkpoint.FORMAT, "epoch": 1, "config": ""}, partial)
+    with pytest.raises(UserError, match="incomplete checkpoint, missing step, history, model"):
+        checkpoint.load(partial)
+
+
+def flip_tensor_byte(path, tensor: torch.Tensor) -> None:
+    """Flip one byte in the middle of `tensor`'s stored bytes (zip records are stored uncompressed)."""
+    raw = bytearray(path.read_bytes())
+    needle = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    at = raw.find(needle)
+    assert at > 0 and raw.find(needle, at + 1) < 0, "tensor bytes not found once in the file"
+    raw[at + len(needle) // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_byte_in_tensor_data_is_refused(tmp_path):
+    path = tmp_path / "last.pt"
+    weight = torch.randn(500, generator=torch.Generator().manual_seed(0))
+    checkpoint.save_atomic(payload(weight=weight), path)
+    flip_tensor_byte(path, weight)
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is not None  # only the zip's CRC notices; torch.load does not
+    assert not torch.equal(torch.load(path, weights_only=True)["encoder"]["w"], weight)
+    with pytest.raises(UserError, match="damaged checkpoint"):
+        checkpoint.load(path)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    path = tmp_path / "last.pt"
+    bad = payload()
+    bad["encoder"]["bn.running_var"] = torch.tensor([1.0, float("inf"), 1.0, 1.0])
+    checkpoint.save_atomic(bad, path)
+    with pytest.raises(UserError, match=r"not finite \(bn.running_var holds nan or inf\)"):
+        checkpoint.load(path)
+
+
+def test_run_folder_resume_falls_back_to_the_newest_valid_checkpoint(tmp_path, caplog):
+    folder = tmp_path / "run" / "checkpoints"
+    for epoch, name in ((1, "epoch_0001.pt"), (2, "epoch_0002.pt"), (3, "last.pt")):
+        checkpoint.save_atomic(payload(epoch), folder / name)
+    path, ckpt = checkpoint.locate(tmp_path / "run")
+    assert path.name == "last.pt" and ckpt["epoch"] == 3
+    (folder / "last.pt").write_bytes((folder / "last.pt").read_bytes()[:2000])  # torn
+    flip_tensor_byte(folder / "epoch_0002.pt", torch.linspace(-1, 1, 1000))  # damaged
+    with caplog.at_level("WARNING"):
+        path, ckpt = checkpoint.locate(tmp_path / "run")
+    assert path.name == "epoch_0001.pt" and ckpt["epoch"] == 1
+    assert "skipped last.pt" in caplog.text and "epoch_0002.pt (damaged" in caplog.text
+    with pytest.raises(UserError, match="a folder without checkpoints/"):
+        checkpoint.locate(tmp_path)  # a folder, but not a run folder
+    (folder / "epoch_0001.pt").write_bytes(b"junk")
+    with pytest.raises(UserError, match="no valid checkpoint"):
+        checkpoint.locate(tmp_path / "run")
+
+
+def test_orphans_of_a_killed_save_are_removed_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    host = checkpoint._HOST
+    orphan = tmp_path / f".last.pt.{host}.{pid}.abc123.tmp"
+    live = tmp_path / f".last.pt.{host}.{os.getpid()}.def456.tmp"
+    foreign_old = tmp_path / ".last.pt.otherhost.1.xyz.tmp"
+    foreign_new = tmp_path / ".last.pt.otherhost.2.xyz.tmp"
+    for f in (orphan, live, foreign_old, foreign_new):
+        f.write_bytes(b"partial")
+    os.utime(foreign_old, (0, 0))
+    removed = checkpoint.remove_orphans(tmp_path)
+    assert sorted(removed) == sorted([orphan, foreign_old])
+    assert live.exists() and foreign_new.exists()
+
+
+def test_long_reasons_are_cut_at_a_word():
+    text = "word " * 60
+    short = checkpoint._short(text, 40)
+    assert short.endswith(" ...") and short[:-4].split(" ")[-1] == "word" and len(short) <= 44
 
 
 def test_rng_state_round_trip(tmp_path):
@@ -47,7 +153,8 @@ def test_rng_state_round_trip(tmp_path):
 
     import numpy as np
 
-    checkpoint.save_atomic({"rng": checkpoint.rng_state()}, tmp_path / "rng.pt")
+    p = payload()
+    checkpoint.save_atomic(p, tmp_path / "rng.pt")
     a = (torch.rand(3), random.random(), np.random.rand())
     checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng.pt")["rng"])  # through weights_only loading
     b = (torch.rand(3), random.random(), np.random.rand())

@@ -26,3 +26,16 @@ def test_knn_weighted_vote_and_majority():
     assert knn_predict(train, labels, test, 2, k=3, weighted=False).tolist() == [0, 0]
     # weighted with a small temperature: the closest neighbour's exp(sim / T) dominates
     assert knn_predict(train, labels, test, 2, k=3, temperature=0.05).tolist() == [1, 0]
+
+
+def test_weighted_knn_does_not_overflow_at_small_temperatures():
+    from contrastive_cli.evaluate import knn_predict
+
+    # exp(sim / T) is inf in float32 for both classes at T=0.005; the nearest (class 1) must still win
+    test = torch.tensor([[1.0, 0.0]])
+    near = torch.tensor([[1.0, 0.0]])
+    almost = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [1.0, -0.2]]), dim=1)  # cos 0.98
+    train, labels = torch.cat([almost, near]), torch.tensor([0, 0, 1])
+    assert torch.isinf((almost @ test.t() / 0.005).exp()).all()
+    assert knn_predict(train, labels, test, 2, k=3, temperature=0.005).tolist() == [1]
+    assert knn_predict(train, labels, test, 2, k=3, temperature=0.5).tolist() == [0]  # two close votes beat one

@@ -41,7 +41,10 @@ class Triplet(Method):
         if len(anchors) == 0:
             loss = e.sum() * 0.0
         else:
-            loss = triplet(e[anchors], e[pos_idx[anchors]], e[neg_idx[anchors]], self.margin)
+            # index_select, not e[idx]: the backward of advanced indexing accumulates with parallel
+            # atomic adds on the CPU, so two identical runs drifted apart; index_add is ordered
+            pick = e.index_select
+            loss = triplet(pick(0, anchors), pick(0, pos_idx[anchors]), pick(0, neg_idx[anchors]), self.margin)
         z1, z2 = z.chunk(2)
         return StepOutput(loss, z1, z2)
 

@@ -1,0 +1,143 @@
+"""Real processes killed at seeded random moments: SIGKILL (once inside a save), SIGTERM and SIGINT
+mid-epoch. Every resume must end bitwise equal to a run that was never interrupted."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import BIN, error_lines, run_cli
+
+FAST = ["trainer.epochs=3", "trainer.batch_size=64", "encoder.width=8", "method.proj_hidden_dim=32",
+        "method.proj_dim=16", "trainer.knn_monitor=false", "trainer.log_every=5"]
+STEPS = 1347 // 64  # per epoch
+METHODS = {"simclr": ["method=simclr"], "moco": ["method=moco", "method.queue_size=256"]}
+
+# cl-train with a trap: SIGKILL itself half-way through writing its n-th checkpoint, or send itself
+# a signal right after its n-th optimizer step. Everything else is the console script.
+WRAPPER = r"""
+import io, os, signal, sys
+import torch
+from contrastive_cli import cli, engine
+mode, n = sys.argv[1], int(sys.argv[2])
+sys.argv = ["cl-train", *sys.argv[3:]]
+count = [0]
+if mode == "kill_in_save":
+    real_save = torch.save
+    def save(obj, f, *args, **kwargs):
+        count[0] += 1
+        if count[0] == n:
+            buf = io.BytesIO()
+            real_save(obj, buf)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *args, **kwargs)
+    torch.save = save
+else:
+    real_step = engine.optimizer_step
+    def step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), getattr(signal, mode))
+        return out
+    engine.optimizer_step = step
+cli.train()
+"""
+
+
+def trapped(mode: str, n: int, *args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-c", WRAPPER, mode, str(n), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The final checkpoint of an uninterrupted run, per method."""
+    done = {}
+
+    def get(method: str) -> dict:
+        if method not in done:
+            cwd = tmp_path_factory.mktemp(f"straight_{method}")
+            proc = run_cli("cl-train", *FAST, *METHODS[method], "hydra.run.dir=run", cwd=cwd)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            done[method] = torch.load(cwd / "run" / "checkpoints" / "last.pt", weights_only=True)
+        return done[method]
+
+    return get
+
+
+def assert_same(a, b, where: str = "") -> None:
+    """Every tensor bitwise equal, every other value equal (config, wall times and checksum aside)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        skip = {"config", "checksum", "time", "trainer"}
+        keys = set(a) - skip
+        assert keys == set(b) - skip, (where, keys ^ (set(b) - skip))
+        for k in keys:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def finish_and_compare(run, cwd, straight_ckpt) -> None:
+    """Resume the run in its own folder without repeating any setting; the result must equal the straight run's."""
+    proc = run_cli("cl-train", f"trainer.resume={run}", f"hydra.run.dir={run}", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not list((run / "checkpoints").glob(".*.tmp")), "an orphan of a killed save was left"
+    final = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert final["batch"] == 0 and final["epoch"] == 3
+    assert_same(straight_ckpt, final)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sigkill_anywhere_then_resume_equals_the_straight_run(tmp_path, method, straight):
+    rng = random.Random(f"sigkill-{method}")
+    run = tmp_path / "run"
+    args = [*FAST, *METHODS[method], f"hydra.run.dir={run}"]
+    # 1. a real kill -9 at a random moment once the first checkpoint exists
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([str(BIN / "cl-train"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.4))
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # 2. resume, and kill -9 that process half-way through writing its first checkpoint
+    proc = trapped("kill_in_save", 1, f"trainer.resume={run}", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert list((run / "checkpoints").glob(".last.pt.*.tmp")), "the trap did not fire inside a save"
+    # 3. resume to the end: the orphan is removed and the weights equal the straight run's
+    finish_and_compare(run, tmp_path, straight(method))
+
+
+@pytest.mark.parametrize(("method", "name", "status"),
+                         [("simclr", "SIGTERM", 143), ("moco", "SIGTERM", 143), ("simclr", "SIGINT", 130)])
+def test_signal_mid_epoch_saves_the_position_and_resume_equals_the_straight_run(tmp_path, method, name, status,
+                                                                                  straight):
+    n = random.Random(f"{name}-{method}").randint(STEPS + 1, 2 * STEPS - 1)  # inside epoch 2, not its last step
+    run = tmp_path / "run"
+    proc = trapped(name, n, *FAST, *METHODS[method], f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    last = error_lines(proc)[-1]
+    assert last.startswith(f"cl-train: stopped by {name} at epoch 2, batch {n - STEPS} of {STEPS} (step {n})"), last
+    assert f"trainer.resume={run}" in last
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, n - STEPS, n)
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    finish_and_compare(run, tmp_path, straight(method))
