@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import socket
 import tempfile
 import time
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 FORMAT = "contrastive_cli/2"  # /2: with a checksum; /1 files (no checksum) still load, unverified
 OLD_FORMATS = ("contrastive_cli/1",)
 REQUIRED = ("config", "epoch", "step", "history", "model", "encoder", "optimizer", "scheduler", "scaler", "rng")
-_HOST = socket.gethostname().replace(".", "_")
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())  # a part of a file name, without dots
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -94,11 +95,12 @@ def remove_orphans(folder: str | Path, max_age_s: float = 3600.0) -> list[Path]:
     for tmp in Path(folder).glob(".*.tmp"):
         parts = tmp.name.split(".")  # '', name, 'pt', host, pid, random, 'tmp'
         host, pid = (parts[-4], parts[-3]) if len(parts) >= 5 else ("", "")
-        if host == _HOST and pid.isdigit():
-            orphan = not _alive(int(pid))
-        else:
-            orphan = time.time() - tmp.stat().st_mtime > max_age_s
-        if orphan:
+        try:
+            old = time.time() - tmp.stat().st_mtime > max_age_s
+        except FileNotFoundError:  # removed meanwhile (its save finished)
+            continue
+        # this host's: its process is gone (containers may share a host name, hence the age too)
+        if old or (host == _HOST and pid.isdigit() and not _alive(int(pid))):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     if removed:

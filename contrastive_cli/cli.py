@@ -182,7 +182,11 @@ def _precheck(config_name: str, argv: list[str], validate, runtime_check=None) -
 # ------------------------------------------------------------------------------------------- run dirs
 
 def _quote(value: str) -> str:
-    return value if re.fullmatch(r"[\w./\-:]+", value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """A value as a Hydra override: plain where the grammar allows, else single-quoted (a backslash
+    is escaped only before a quote or at the end, as the grammar reads it)."""
+    if re.fullmatch(r"[\w./\-:]+", value):
+        return value
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value) + "'"
 
 
 def _claim(pattern: str) -> str:
@@ -225,29 +229,25 @@ def _check_explicit_dir(key: str, folder: str, resume: str | None, sweep: bool) 
 
 def _run_dir_overrides(config_name: str, argv: list[str]) -> list[str]:
     """hydra.run.dir / hydra.sweep.dir for Hydra: Hydra's dated folder claimed for this run alone, or
-    the user's explicit one, checked."""
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    given = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in argv if "=" in a}
-    if key in given:
-        _check_explicit_dir(key, given[key], given.get("trainer.resume"), sweep=multirun)
-        return []
+    the user's explicit one (as Hydra will read it: unquoted, interpolations resolved), checked."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    overrides = [a for a in argv if not a.startswith("-") and not _is_sweep(a)]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    overrides = [a for a in argv if not a.startswith("-")]
+    hydra_overrides = [a for a in overrides if a.lstrip("+~").startswith("hydra")]
+    first = _override_sets(overrides, multirun)[0]  # a job of the sweep, for the config's own values
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-            pattern = OmegaConf.select(cfg, key)
+            cfg = compose(config_name=config_name, overrides=[*first, *hydra_overrides], return_hydra_config=True)
+            folder = str(OmegaConf.select(cfg, key))
     except Exception:
         return []  # a pattern that needs Hydra's run-time values: leave the folder to Hydra
-    return [f"{key}={_quote(_claim(str(pattern)))}"]
-
-
-def _is_sweep(arg: str) -> bool:
-    value = arg.split("=", 1)[1] if "=" in arg else ""
-    return bool(re.search(r"(^|[^\\]),", value)) or value.startswith(("glob(", "range(", "interval(", "choice(", "tag("))
+    if any(a.lstrip("+").split("=", 1)[0] == key for a in hydra_overrides):
+        _check_explicit_dir(key, folder, OmegaConf.select(cfg, "trainer.resume", default=None), sweep=multirun)
+        return []
+    return [f"{key}={_quote(_claim(folder))}"]
 
 
 # ------------------------------------------------------------------------------------------- jobs
@@ -284,7 +284,7 @@ def _launch_ddp(devices: int, run_dir: Path) -> None:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
            "-m", "contrastive_cli.train", *_overrides(), f"hydra.run.dir={_quote(str(run_dir))}"]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, start_new_session=True)  # a Ctrl-C reaches it once: forwarded from here
     received = []
 
     def forward(signum, frame):

@@ -149,7 +149,8 @@ def iterate_batches(
         stop = n - n % batch_size if drop_last else n
         batches = list(order[:stop].split(batch_size)) if stop else []
         yield from DataLoader(_AugmentedBatches(data, batches, augment, aug_seed, start), batch_size=None,
-                              num_workers=workers, pin_memory=pin, persistent_workers=False)
+                              num_workers=workers, pin_memory=pin, persistent_workers=False,
+                              generator=_own_generator(seed, epoch, rank))
         return
     if isinstance(data, TensorImages):
         stop = n - n % batch_size if drop_last else n
@@ -160,9 +161,15 @@ def iterate_batches(
         return
     loader = DataLoader(
         data, batch_size=batch_size, sampler=order[start * batch_size :].tolist(), num_workers=workers,
-        pin_memory=pin, drop_last=drop_last, persistent_workers=False,
+        pin_memory=pin, drop_last=drop_last, persistent_workers=False, generator=_own_generator(seed, epoch, rank),
     )
     yield from loader
+
+
+def _own_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """A DataLoader draws its workers' base seed from the global RNG unless given a generator: that
+    draw would shift the global stream of a run resumed inside an epoch against a straight one."""
+    return torch.Generator().manual_seed(seed * 100_019 + epoch * 1_013 + rank)
 
 
 def num_batches(data: Dataset, batch_size: int, drop_last: bool = True, world: int = 1) -> int:

@@ -39,6 +39,11 @@ def cleanup(barrier: bool = True) -> None:
             dist.destroy_process_group()
 
 
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

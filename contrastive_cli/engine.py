@@ -170,13 +170,17 @@ def fit(
     elapsed = state.partial["elapsed"] if state.partial else state.history[-1]["time"] if state.history else 0.0
     start = time.perf_counter() - elapsed
     cpu_views = not getattr(augment, "on_device", True)
+    where = {"device": prec.device.type, "steps_per_epoch": steps_per_epoch, "images": len(data)}
+    if state.partial:
+        _check_same_place(state.partial, where)
     method.train()
 
     def payload(**extra) -> dict:
         bad = checkpoint.non_finite(method.state_dict())
-        if bad:  # never replace the last finite checkpoint with a diverged one
-            raise UserError(f"weights became non-finite ({bad}) by step {state.step}; {_last_good(ckpt_dir)} "
-                            "(try a lower optimizer.lr or trainer.precision=fp32)")
+        # buffers (batch-norm statistics) differ between ranks: decide together, or one rank leaves alone
+        if distributed.mean(torch.tensor([float(bad is not None)], device=prec.device)).item() > 0:
+            raise UserError(f"weights became non-finite ({bad or 'on another rank'}) by step {state.step}; "
+                            f"{_last_good(ckpt_dir)} (try a lower optimizer.lr or trainer.precision=fp32)")
         return {
             "config": config_yaml, "epoch": state.epoch, "step": state.step, "history": state.history,
             "model": method.state_dict(), "encoder": method.encoder.state_dict(),
@@ -220,8 +224,8 @@ def fit(
                 if stopping and i + 1 < steps_per_epoch:
                     bar.close()
                     partial = {"sums": sums.cpu(), "generator": generator.get_state(),
-                               "elapsed": time.perf_counter() - start}
-                    _stop(stopping, main, payload(batch=i + 1, partial=partial), ckpt_dir, state, epoch, i + 1,
+                               "elapsed": time.perf_counter() - start, **where}
+                    _stop(stopping, loop, payload(batch=i + 1, partial=partial), ckpt_dir, state, epoch, i + 1,
                           steps_per_epoch)
             bar.close()
             state.batch, state.partial = 0, None
@@ -233,6 +237,7 @@ def fit(
                    "lr": optimizer.param_groups[0]["lr"], "time": round(time.perf_counter() - start, 3),
                    "emb_std": emb_std, "neg_cos": neg_cos}
             state.history.append(row)
+            # `out` is this epoch's last step: a resumed epoch has one left (_check_same_place)
             state.monitor.update(emb_std, out.z1.shape[1], state.epoch, quiet=not main)
             record = payload(batch=0)
             if main:
@@ -242,20 +247,36 @@ def fit(
                 checkpoint.save_atomic(record, ckpt_dir / "last.pt")
                 if state.epoch % loop.checkpoint_every == 0 or state.epoch == loop.epochs:
                     checkpoint.save_atomic(record, ckpt_dir / f"epoch_{state.epoch:04d}.pt")
-            if (stop.signum or signum) and state.epoch < loop.epochs:
-                _stop(stop.signum or signal.SIGTERM, main, None, ckpt_dir, state, state.epoch, 0, steps_per_epoch)
+            # under DDP only the all-reduced flag counts: a signal that reached one rank after the
+            # all-reduce must not send that rank away alone
+            stop_now = signum if loop.world > 1 else stop.signum
+            if stop_now and state.epoch < loop.epochs:
+                _stop(stop.signum or signal.SIGTERM, loop, None, ckpt_dir, state, state.epoch, 0, steps_per_epoch)
     return state
 
 
-def _stop(signum: int, main: bool, record: dict | None, ckpt_dir: Path, state: TrainState, epoch: int,
+def _stop(signum: int, loop: Loop, record: dict | None, ckpt_dir: Path, state: TrainState, epoch: int,
           batch: int, steps_per_epoch: int) -> None:
-    """Write the checkpoint of a signal (rank 0), then leave the loop with Interrupted."""
+    """Write the checkpoint of a signal (rank 0), then leave the loop with Interrupted; every rank
+    waits for the save, so torchrun sees no rank leave before it is written."""
     last = ckpt_dir / "last.pt"
-    if main and record is not None:
+    if loop.rank == 0 and record is not None:
         checkpoint.save_atomic(record, last)
+    distributed.barrier()
     where = f"epoch {epoch + 1}, batch {batch} of {steps_per_epoch}" if batch else f"the end of epoch {epoch}"
     raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at {where} (step {state.step}); "
                               f"saved {last}; continue with trainer.resume={ckpt_dir.parent}")
+
+
+def _check_same_place(partial: dict, now: dict) -> None:
+    """A checkpoint written inside an epoch resumes only where the rest of that epoch is the same:
+    the same device type (the view generator's state is per device) and the same data."""
+    for key, value in now.items():
+        if partial.get(key, value) != value:
+            raise UserError(f"trainer.resume: this checkpoint was written inside an epoch with {key}="
+                            f"{partial[key]}, this run has {key}={value}; resume it with the same "
+                            f"{'trainer.device type' if key == 'device' else 'data'}, or from an epoch's checkpoint "
+                            "(checkpoints/epoch_NNNN.pt)")
 
 
 def _last_good(ckpt_dir: Path) -> str:

@@ -18,7 +18,7 @@ from . import checkpoint, distributed
 from .config import TrainerCfg, build, resolve_resume, typed, validate_train
 from .data import TensorImages, num_batches
 from .engine import CollapseMonitor, Loop, Precision, TrainState, fit
-from .errors import UserError, check
+from .errors import Interrupted, UserError, check
 from .evaluate import extract_features, knn_top1, loss_png
 from .methods.base import Method
 from .momentum import SplitBatchNorm2d
@@ -82,11 +82,12 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
         cfg, resume_path, resume = resolve_resume(cfg, overrides)
         log.info("resuming from %s (epoch %d, step %d)", resume_path, resume["epoch"], resume["step"])
     t, sched = validate_train(cfg)
-    checkpoint.remove_orphans(run_dir / "checkpoints")
-    if resume_path is not None:
-        checkpoint.remove_orphans(resume_path.parent)
     device = resolve_device(t.device)
     rank, world, local = distributed.setup(device.type)
+    if rank == 0:
+        checkpoint.remove_orphans(run_dir / "checkpoints")
+        if resume_path is not None:
+            checkpoint.remove_orphans(resume_path.parent)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
     if device.type == "cuda":
@@ -136,6 +137,9 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
     try:
         state = fit(method, optimizer, scheduler, scaler, augment, train, loop, prec, state, run_dir,
                     OmegaConf.to_yaml(cfg, resolve=True), model=model)
+    except Interrupted:  # every rank stops at the same step, after the save
+        distributed.cleanup()
+        raise
     except BaseException:
         distributed.cleanup(barrier=False)
         raise

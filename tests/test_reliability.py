@@ -98,18 +98,20 @@ RESUME_CASES = [
     ("sgd", "fp32", "simclr"), ("adamw", "fp32", "simclr"), ("lars", "fp32", "simclr"), ("sgd", "bf16", "simclr"),
     ("sgd", "fp16", "simclr"), ("sgd", "fp32", "moco"), ("adamw", "bf16", "byol"),
     ("sgd", "fp32", "contrastive_margin"), ("lars", "fp32", "triplet"),
+    # views made in DataLoader workers, and a method that draws from the global RNG every step
+    ("sgd", "fp32", "triplet", "method.mining=random", "augmentation.on_device=false", "trainer.workers=1"),
 ]
 
 
-@pytest.mark.parametrize(("optimizer", "precision", "method"), RESUME_CASES, ids=["-".join(c) for c in RESUME_CASES])
-def test_resume_restores_every_optimizer_precision_and_method_exactly(tmp_path, monkeypatch, optimizer, precision,
-                                                                       method):
+@pytest.mark.parametrize("case", RESUME_CASES, ids=["-".join(c) for c in RESUME_CASES])
+def test_resume_restores_every_optimizer_precision_and_method_exactly(tmp_path, monkeypatch, case):
+    optimizer, precision, method, *extra = case
     heads = {"simclr": ["method.proj_hidden_dim=32", "method.proj_dim=16"],
              "moco": ["method.proj_hidden_dim=32", "method.proj_dim=16", "method.queue_size=256"],
              "byol": ["method.proj_hidden_dim=32", "method.proj_dim=16", "method.pred_hidden_dim=32"]}
     ov = [f"method={method}", f"optimizer={optimizer}", f"trainer.precision={precision}", "trainer.epochs=2",
           "trainer.batch_size=128", "encoder.width=8", "trainer.knn_monitor=false", "trainer.seed=7",
-          "schedule.warmup_epochs=1", *heads.get(method, [])]
+          "schedule.warmup_epochs=1", *heads.get(method, []), *extra]
     run_training(compose_cfg("train", ov), tmp_path / "straight")
     interrupted_run(ov, tmp_path / "cut", at_step=13, monkeypatch=monkeypatch)  # epoch 2, batch 3 of 10
     # resume naming nothing but the run folder: seed, method, optimizer ... come from the checkpoint
@@ -124,6 +126,28 @@ def test_resume_restores_every_optimizer_precision_and_method_exactly(tmp_path, 
             assert (torch.equal(v, b[part][k]) if isinstance(v, torch.Tensor) else v == b[part][k]), (part, k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_on_the_same_device_type_and_data(tmp_path, fast_train, monkeypatch):
+    interrupted_run(fast_train, tmp_path / "cut", at_step=13, monkeypatch=monkeypatch)
+    path = tmp_path / "cut" / "checkpoints" / "last.pt"
+    resume = [f"trainer.resume={tmp_path / 'cut'}"]
+    for key, value in (("device", "cuda"), ("images", 999)):
+        ckpt = checkpoint.load(path)
+        ckpt["partial"][key] = value
+        checkpoint.save_atomic({k: v for k, v in ckpt.items() if k != "format"}, tmp_path / "moved" / "checkpoints" / "last.pt")
+        with pytest.raises(UserError, match=f"written inside an epoch with {key}={value}, this run has {key}="):
+            run_training(compose_cfg("train", [f"trainer.resume={tmp_path / 'moved'}"]), tmp_path / "r",
+                         [f"trainer.resume={tmp_path / 'moved'}"])
+    assert run_training(compose_cfg("train", resume), tmp_path / "ok", resume)["steps"] == 20
+
+
+def test_run_folders_are_passed_to_hydra_as_it_reads_them():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for folder in ("outputs/train/2026-11-26/10-00-00_1", "/data/my runs/a,b=c", "C:\\runs\\x", "it's", "end\\"):
+        assert parser.parse_override(f"hydra.run.dir={cli._quote(folder)}").value() == folder
 
 
 @pytest.fixture(scope="module")
