@@ -12,6 +12,7 @@ SIGTERM / SIGINT during training end the run after a step with a checkpoint (exi
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import signal
 import sys
@@ -25,6 +26,7 @@ from omegaconf import DictConfig
 from .errors import Interrupted, UserError
 
 CONFIG_MODULE = "contrastive_cli.configs"
+_LAUNCHED = "CL_TRAIN_DDP_LAUNCHER"  # set for the ranks that `cl-train trainer.devices=N` starts
 _failures: list[str] = []
 
 
@@ -262,14 +264,21 @@ def train_job(cfg: DictConfig) -> dict | None:
     from .train import run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    devices = cfg.trainer.get("devices", 1)
-    if isinstance(devices, int) and devices > 1 and not launched_by_torchrun():
-        return _launch_ddp(devices, run_dir)
     try:
+        if not launched_by_torchrun():
+            from .config import resolve_resume
+
+            # a resumed run keeps its number of processes: read it from the checkpoint's config
+            devices = (resolve_resume(cfg, _overrides())[0] if cfg.trainer.get("resume") else cfg).trainer.devices
+            if devices > 1:
+                return _launch_ddp(devices, run_dir)
         return run_training(cfg, run_dir, _overrides())
     except Interrupted as e:
-        print(f"cl-train: {e}", file=sys.stderr, flush=True)
-        sys.exit(128 + e.signum)  # a sweep stops here too: the user asked to stop
+        if os.environ.get("RANK", "0") == "0":
+            print(f"cl-train: {e}", file=sys.stderr, flush=True)
+        # a sweep stops here too: the user asked to stop. Under cl-train's own launcher a rank that
+        # stopped as asked leaves with 0, so torchrun reports no failed child; the launcher exits 143 / 130
+        sys.exit(0 if os.environ.get(_LAUNCHED) else 128 + e.signum)
     except UserError as e:
         _fail("cl-train", str(e))
     except OSError as e:  # disk full or folder gone while writing logs, metrics or pictures
@@ -284,12 +293,18 @@ def _launch_ddp(devices: int, run_dir: Path) -> None:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
            "-m", "contrastive_cli.train", *_overrides(), f"hydra.run.dir={_quote(str(run_dir))}"]
-    proc = subprocess.Popen(cmd, start_new_session=True)  # a Ctrl-C reaches it once: forwarded from here
+    # a session of its own: a Ctrl-C in the terminal reaches only this process, which passes it to the
+    # training processes themselves (torchrun, signalled, would kill them after its own traceback)
+    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, _LAUNCHED: "1"})
     received = []
 
     def forward(signum, frame):
         received.append(signum)
-        proc.send_signal(signum)
+        for pid in _children(proc.pid) or [proc.pid]:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -301,6 +316,14 @@ def _launch_ddp(devices: int, run_dir: Path) -> None:
         sys.exit(128 + received[0])
     if code:
         _fail("cl-train", f"trainer.devices={devices}: a training process exited with status {code} (see above)")
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc); empty where that cannot be read."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="eval")

@@ -170,7 +170,8 @@ def fit(
     elapsed = state.partial["elapsed"] if state.partial else state.history[-1]["time"] if state.history else 0.0
     start = time.perf_counter() - elapsed
     cpu_views = not getattr(augment, "on_device", True)
-    where = {"device": prec.device.type, "steps_per_epoch": steps_per_epoch, "images": len(data)}
+    where = {"device": prec.device.type, "processes": loop.world, "steps_per_epoch": steps_per_epoch,
+             "images": len(data)}
     if state.partial:
         _check_same_place(state.partial, where)
     method.train()
@@ -195,9 +196,10 @@ def fit(
             generator.manual_seed(loop.seed * 1_000_003 + epoch * 1_009 + loop.rank)
             sums = torch.zeros(3, device=prec.device)  # loss, emb_std, neg_cos: read once per epoch
             first = state.batch if epoch == state.epoch else 0
-            if first:
-                generator.set_state(state.partial["generator"])
-                sums = state.partial["sums"].to(prec.device)
+            if first:  # this rank's view generator and metric sums, as they were at the signal
+                generator.set_state(state.partial["generator"][loop.rank].clone())  # set_state reads from the
+                # start of the storage, not from a row's offset
+                sums = state.partial["sums"][loop.rank].to(prec.device)
             batches = iterate_batches(data, loop.batch_size, loop.seed, epoch, loop.workers,
                                       pin=prec.device.type == "cuda", rank=loop.rank, world=loop.world,
                                       augment=augment if cpu_views else None,
@@ -223,7 +225,9 @@ def fit(
                                     std=f"{std:.3f}", neg_cos=f"{neg_cos:.2f}")
                 if stopping and i + 1 < steps_per_epoch:
                     bar.close()
-                    partial = {"sums": sums.cpu(), "generator": generator.get_state(),
+                    # every rank's own: rank r draws its views from its own generator
+                    gen = distributed.gather(generator.get_state().to(prec.device).view(1, -1)).cpu()
+                    partial = {"sums": distributed.gather(sums.view(1, -1)).cpu(), "generator": gen,
                                "elapsed": time.perf_counter() - start, **where}
                     _stop(stopping, loop, payload(batch=i + 1, partial=partial), ckpt_dir, state, epoch, i + 1,
                           steps_per_epoch)
@@ -273,10 +277,10 @@ def _check_same_place(partial: dict, now: dict) -> None:
     the same device type (the view generator's state is per device) and the same data."""
     for key, value in now.items():
         if partial.get(key, value) != value:
+            same = {"device": "trainer.device type", "processes": "trainer.devices"}.get(key, "data")
             raise UserError(f"trainer.resume: this checkpoint was written inside an epoch with {key}="
-                            f"{partial[key]}, this run has {key}={value}; resume it with the same "
-                            f"{'trainer.device type' if key == 'device' else 'data'}, or from an epoch's checkpoint "
-                            "(checkpoints/epoch_NNNN.pt)")
+                            f"{partial[key]}, this run has {key}={value}; resume it with the same {same}, or "
+                            "from an epoch's checkpoint (checkpoints/epoch_NNNN.pt)")
 
 
 def _last_good(ckpt_dir: Path) -> str:

@@ -141,3 +141,30 @@ def test_signal_mid_epoch_saves_the_position_and_resume_equals_the_straight_run(
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, n - STEPS, n)
     assert not list((run / "checkpoints").glob(".*.tmp"))
     finish_and_compare(run, tmp_path, straight(method))
+
+
+def test_sigterm_to_a_two_process_run_stops_every_rank_and_resume_equals_the_straight_run(tmp_path):
+    """`cl-train trainer.devices=2` (gloo): the launcher passes SIGTERM to the ranks, they agree at a
+    log step, save every rank's view generator, exit 143 with one line; the resume relaunches two ranks."""
+    args = ["trainer.devices=2", "trainer.epochs=4", "trainer.batch_size=32", "encoder.width=8",
+            "method.proj_hidden_dim=32", "method.proj_dim=16", "trainer.knn_monitor=false", "trainer.log_every=2"]
+    proc = run_cli("cl-train", *args, "hydra.run.dir=straight", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "cut"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cut = subprocess.Popen([str(BIN / "cl-train"), *args, f"hydra.run.dir={run}"], cwd=tmp_path, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "last.pt").exists() and cut.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    cut.send_signal(signal.SIGTERM)
+    stderr = cut.communicate(timeout=300)[1]
+    assert cut.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-2000:]
+    stops = [ln for ln in stderr.splitlines() if "cl-train: stopped by SIGTERM at " in ln]
+    assert len(stops) == 1, stderr[-2000:]  # rank 0 speaks for both
+    proc = run_cli("cl-train", f"trainer.resume={run}", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    assert_same(straight, torch.load(run / "checkpoints" / "last.pt", weights_only=True))
