@@ -38,6 +38,13 @@ if mode == "kill_in_save":
             os.kill(os.getpid(), signal.SIGKILL)
         return real_save(obj, f, *args, **kwargs)
     torch.save = save
+elif mode.startswith("load_"):  # a signal while the data loads, before the training loop
+    from contrastive_cli import data
+    real_load = data.load_digits
+    def load(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, mode[5:]))
+        return real_load(*args, **kwargs)
+    data.load_digits = load
 else:
     real_step = engine.optimizer_step
     def step(*args, **kwargs):
@@ -168,3 +175,10 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_and_resume_equals_the_str
     assert proc.returncode == 0, proc.stderr[-2000:]
     straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
     assert_same(straight, torch.load(run / "checkpoints" / "last.pt", weights_only=True))
+
+
+@pytest.mark.parametrize(("name", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_before_training_is_one_line(tmp_path, name, status):
+    proc = trapped(f"load_{name}", 0, *FAST, cwd=tmp_path)
+    assert proc.returncode == status and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert error_lines(proc) == [f"cl-train: stopped by {name}"]
