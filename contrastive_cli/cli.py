@@ -265,14 +265,15 @@ def train_job(cfg: DictConfig) -> dict | None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        if not launched_by_torchrun():
+        resumed = None
+        if cfg.trainer.get("resume"):  # a resumed run keeps its settings, its number of processes too
             from .config import resolve_resume
 
-            # a resumed run keeps its number of processes: read it from the checkpoint's config
-            devices = (resolve_resume(cfg, _overrides())[0] if cfg.trainer.get("resume") else cfg).trainer.devices
-            if devices > 1:
-                return _launch_ddp(devices, run_dir)
-        return run_training(cfg, run_dir, _overrides())
+            resumed = resolve_resume(cfg, _overrides())
+        devices = (resumed[0] if resumed else cfg).trainer.devices
+        if devices > 1 and not launched_by_torchrun():
+            return _launch_ddp(devices, run_dir)
+        return run_training(cfg, run_dir, _overrides(), resumed)
     except Interrupted as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"cl-train: {e}", file=sys.stderr, flush=True)

@@ -73,13 +73,15 @@ def build_model(cfg: DictConfig):
     return encoder, method
 
 
-def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict | None:
+def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
+                 resumed: tuple | None = None) -> dict | None:
     """Train as the config says; under torchrun, as one rank of the job. Returns rank 0's summary.
     With trainer.resume, the checkpoint's own config is used (`config.resolve_resume`; `overrides`
-    are the command line's, None compares all of `cfg` with it)."""
+    are the command line's, None compares all of `cfg` with it; `resumed`: its result, if the
+    caller has it already)."""
     resume = resume_path = None
     if cfg.trainer.get("resume"):  # a bad path or a changed setting fails before any work
-        cfg, resume_path, resume = resolve_resume(cfg, overrides)
+        cfg, resume_path, resume = resumed or resolve_resume(cfg, overrides)
         log.info("resuming from %s (epoch %d, step %d)", resume_path, resume["epoch"], resume["step"])
     t, sched = validate_train(cfg)
     device = resolve_device(t.device)

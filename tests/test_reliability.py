@@ -279,31 +279,6 @@ def test_a_sweep_over_image_folders_finds_the_empty_one_first(tmp_path):
 
 # ------------------------------------------------------------------------------------------ one line each
 
-BAD_INPUT = [
-    (["optimizer.lr=nan"], "optimizer.lr=nan: must be a finite number"),
-    (["optimizer.lr=inf"], "optimizer.lr=inf: must be a finite number"),
-    (["method.temperature=nan"], "method.temperature=nan: must be a finite number"),
-    (["schedule.warmup_epochs=inf"], "schedule.warmup_epochs=inf: must be a finite number"),
-    (["optimizer.momentum=nan"], "optimizer.momentum=nan: must be a finite number"),
-    (["dataset=imagefolder"], "dataset.source.root: missing; give dataset.source.root=<folder of images>"),
-    (["trainer.seed=-1"], "trainer.seed=-1: must be an integer in [0, 2^32)"),
-    (["trainer.device=cudaXYZ"], "trainer.device=cudaXYZ: choose from auto, cpu, cuda, cuda:N"),
-    (["dataset.root=/data"], "dataset.root: unknown key; did you mean dataset.source.root?"),
-    (["+dataset.root=/data"], "did you mean dataset.source.root?"),
-    (["trainer.epoch=3"], "trainer.epoch: unknown key; did you mean trainer.epochs?"),
-    (["method=glob(sim*)"], "Sweep parameters 'method=glob(sim*)' requires --multirun"),
-]
-
-
-@pytest.mark.parametrize(("args", "expected"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
-def test_bad_input_is_one_line(tmp_path, args, expected):
-    proc = run_cli("cl-train", *args, cwd=tmp_path)
-    lines = error_lines(proc)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
-    assert len(lines) == 1 and lines[0].startswith("cl-train: error: ") and expected in lines[0], lines
-    assert not (tmp_path / "outputs").exists()  # no run folder for a command that cannot run
-
-
 def write_folder(root, bad: bool = False) -> None:
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
