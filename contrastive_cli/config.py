@@ -19,6 +19,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRI_STATE = ("auto", "true", "false")
 
 
+def check_device(name: str, value) -> None:
+    check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value)) is not None, f"{name}={value}: choose from auto, cpu, cuda, cuda:N")
+
+
 @dataclass
 class TrainerCfg:
     epochs: int = 30
@@ -50,8 +54,7 @@ class TrainerCfg:
         check(self.precision in PRECISIONS, f"trainer.precision={self.precision}: choose from {', '.join(PRECISIONS)}")
         self.channels_last = str(self.channels_last).lower()
         check(self.channels_last in TRI_STATE, f"trainer.channels_last={self.channels_last}: choose from {', '.join(TRI_STATE)}")
-        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None,
-              f"trainer.device={self.device}: choose from auto, cpu, cuda, cuda:N")
+        check_device("trainer.device", self.device)
         check(0 <= self.seed < 2**32, f"trainer.seed={self.seed}: must be an integer in [0, 2^32)")
 
 
@@ -83,8 +86,7 @@ class EvalCfg:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None,
-              f"eval.device={self.device}: choose from auto, cpu, cuda, cuda:N")
+        check_device("eval.device", self.device)
         positive("eval.batch_size", self.batch_size, integer=True)
         positive("eval.knn_k", self.knn_k, integer=True)
         positive("eval.knn_temperature", self.knn_temperature)
