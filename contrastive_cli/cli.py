@@ -265,15 +265,15 @@ def train_job(cfg: DictConfig) -> dict | None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        resumed = None
+        overrides, resumed = _overrides(), None
         if cfg.trainer.get("resume"):  # a resumed run keeps its settings, its number of processes too
             from .config import resolve_resume
 
-            resumed = resolve_resume(cfg, _overrides())
+            resumed = resolve_resume(cfg, overrides)
         devices = (resumed[0] if resumed else cfg).trainer.devices
         if devices > 1 and not launched_by_torchrun():
             return _launch_ddp(devices, run_dir)
-        return run_training(cfg, run_dir, _overrides(), resumed)
+        return run_training(cfg, run_dir, overrides, resumed)
     except Interrupted as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"cl-train: {e}", file=sys.stderr, flush=True)
