@@ -28,6 +28,7 @@ from .errors import Interrupted, UserError
 CONFIG_MODULE = "contrastive_cli.configs"
 _LAUNCHED = "CL_TRAIN_DDP_LAUNCHER"  # set for the ranks that `cl-train trainer.devices=N` starts
 _failures: list[str] = []
+_search: list[str] = []  # hydra.searchpath entries and --config-dir folders: the user's own config groups
 
 
 class _Terminated(BaseException):
@@ -44,9 +45,52 @@ def _fail(prog: str, message: str) -> None:
     _failures.append(line)
 
 
+def _group_dirs(group: str) -> list:
+    """The folders a config group's options come from: the package's, then the user's search path."""
+    roots = [resources.files(CONFIG_MODULE)]
+    for entry in _search:
+        if entry.startswith("pkg://"):
+            try:
+                roots.append(resources.files(entry[len("pkg://"):].replace("/", ".")))
+            except ModuleNotFoundError:
+                continue
+        else:
+            roots.append(Path(entry.removeprefix("file://")).expanduser())
+    return [d for d in (r.joinpath(group) for r in roots) if d.is_dir()]
+
+
 def _group_options(group: str) -> list[str]:
-    root = resources.files(CONFIG_MODULE).joinpath(group)
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")) if root.is_dir() else []
+    return sorted({p.name[:-5] for d in _group_dirs(group) for p in d.iterdir() if p.name.endswith(".yaml")})
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], list[str], bool]:
+    """(overrides, --config-dir folders, whether another of Hydra's flags (--help, --cfg ...) is there)."""
+    overrides, dirs, other = [], [], False
+    it = iter(argv)
+    for a in it:
+        if a in ("-cd", "--config-dir"):
+            dirs.append(next(it, ""))
+        elif a.startswith("--config-dir="):
+            dirs.append(a.split("=", 1)[1])
+        elif a.startswith("-"):
+            other = other or a not in ("-m", "--multirun")
+        else:
+            overrides.append(a)
+    return overrides, dirs, other
+
+
+def _searchpath(overrides: list[str], dirs: list[str]) -> list[str]:
+    """One hydra.searchpath override with the user's entries and --config-dir folders (as Hydra
+    searches them), for composing in the pre-check; also remembered for listing group options."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    entries = []
+    for o in OverridesParser.create().parse_overrides([o for o in overrides if o.startswith("hydra.searchpath=")]):
+        value = o.value()
+        entries += [str(v) for v in (value if isinstance(value, list) else [value])]
+    entries += [f"file://{Path(d).expanduser().resolve()}" for d in dirs]
+    _search[:] = entries
+    return [f"hydra.searchpath=[{','.join(_quote(e) for e in entries)}]"] if entries else []
 
 
 def _sweep_values(o) -> list[str]:
@@ -101,9 +145,10 @@ def _did_you_mean(key: str, cfg) -> str:
 
     keys = [k for k in flatten(OmegaConf.to_container(cfg, resolve=False)) if not k.startswith("hydra")] if cfg else []
     group = key.split(".")[0]
-    for option in _group_options(group):  # keys that only other options of the group have
-        text = resources.files(CONFIG_MODULE).joinpath(group, f"{option}.yaml").read_text()
-        keys += [f"{group}.{k}" for k in flatten(OmegaConf.to_container(OmegaConf.create(text), resolve=False))]
+    for folder in _group_dirs(group):  # keys that only other options of the group have
+        for option in (p for p in folder.iterdir() if p.name.endswith(".yaml")):
+            text = option.read_text()
+            keys += [f"{group}.{k}" for k in flatten(OmegaConf.to_container(OmegaConf.create(text), resolve=False))]
     keys = list(dict.fromkeys(k for k in keys if not k.split(".")[-1].startswith("_")))
     leaf = key.split(".")[-1]
     same = [k for k in keys if k.split(".")[-1] == leaf and k != key]
@@ -144,19 +189,21 @@ def _precheck(config_name: str, argv: list[str], validate, runtime_check=None) -
     """Compose and validate every job a command line asks for; exit 1 with one line on the first
     error. Returns False where Hydra's own flags (--help, --cfg, ...) take over."""
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
-        return False  # --help, --cfg, --info, -cd ...: Hydra's own business
-    overrides = [a for a in argv if not a.startswith("-")]
+    overrides, dirs, other = _split_argv(argv)
+    if other:
+        return False  # --help, --cfg, --info ...: Hydra's own business
     from hydra import compose, initialize_config_module
     from omegaconf.errors import MissingMandatoryValue
 
     prog = "cl-train" if config_name == "train" else "cl-eval"
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        def composed(ov):
-            return compose(config_name=config_name, overrides=ov)
-
         cfg = None
         try:
+            search = _searchpath(overrides, dirs)
+
+            def composed(ov):
+                return compose(config_name=config_name, overrides=[*ov, *search])
+
             sets = _override_sets(overrides, multirun)
             for ov in sets:
                 cfg = None
@@ -237,8 +284,9 @@ def _run_dir_overrides(config_name: str, argv: list[str]) -> list[str]:
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    overrides = [a for a in argv if not a.startswith("-")]
-    hydra_overrides = [a for a in overrides if a.lstrip("+~").startswith("hydra")]
+    overrides, dirs, _ = _split_argv(argv)
+    hydra_overrides = [a for a in overrides if a.lstrip("+~").startswith("hydra") and
+                       not a.startswith("hydra.searchpath=")] + _searchpath(overrides, dirs)
     first = _override_sets(overrides, multirun)[0]  # a job of the sweep, for the config's own values
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
@@ -264,6 +312,9 @@ def train_job(cfg: DictConfig) -> dict | None:
     from .train import run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    error = run_dir / "error.txt"  # a failed job of a sweep says why, for cl-report
+    error.unlink(missing_ok=True)
+    failed_before = len(_failures)
     try:
         overrides, resumed = _overrides(), None
         if cfg.trainer.get("resume"):  # a resumed run keeps its settings, its number of processes too
@@ -272,8 +323,11 @@ def train_job(cfg: DictConfig) -> dict | None:
             resumed = resolve_resume(cfg, overrides)
         devices = (resumed[0] if resumed else cfg).trainer.devices
         if devices > 1 and not launched_by_torchrun():
-            return _launch_ddp(devices, run_dir)
-        return run_training(cfg, run_dir, overrides, resumed)
+            _launch_ddp(devices, run_dir)
+            summary = _read_summary(run_dir) if len(_failures) == failed_before else None
+        else:
+            summary = run_training(cfg, run_dir, overrides, resumed)
+        return _job_result(summary)
     except Interrupted as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"cl-train: {e}", file=sys.stderr, flush=True)
@@ -284,7 +338,38 @@ def train_job(cfg: DictConfig) -> dict | None:
         _fail("cl-train", str(e))
     except OSError as e:  # disk full or folder gone while writing logs, metrics or pictures
         _fail("cl-train", f"{e.filename or run_dir}: {e.strerror or e}")
-    return None
+    except Exception as e:
+        _record_error(error, f"{type(e).__name__}: {e}")
+        raise
+    if os.environ.get("RANK", "0") == "0" and len(_failures) > failed_before:
+        _record_error(error, _failures[-1])
+    return _job_result(None)
+
+
+def _read_summary(run_dir: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _job_result(summary: dict | None):
+    """What the job returns to Hydra's sweeper: the summary; for a search sweeper (Optuna), the
+    number it maximizes: the best online k-NN, else the final k-NN. None marks a failed trial (NaN
+    would end the whole search)."""
+    if "optuna" not in str(HydraConfig.get().sweeper.get("_target_", "")).lower():
+        return summary
+    score = (summary or {}).get("knn_best", (summary or {}).get("knn_top1"))
+    return None if score is None else float(score)
+
+
+def _record_error(path: Path, line: str) -> None:
+    try:
+        path.write_text(" ".join(line.split()) + "\n")
+    except OSError:
+        pass
 
 
 def _launch_ddp(devices: int, run_dir: Path) -> None:
@@ -351,7 +436,12 @@ def eval_job(cfg: DictConfig) -> dict | None:
 
 def _main(prog: str, config_name: str, job, validate, runtime_check=None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if os.getcwd() not in sys.path:  # a user's own `_target_: my_methods.Mine` imports as under `python -m`
+        sys.path.append(os.getcwd())
     try:
+        if config_name == "train" and "hydra/sweeper=optuna" in sys.argv and not any(
+                a.startswith("hydra.sweeper.direction=") for a in sys.argv):
+            sys.argv.append("hydra.sweeper.direction=maximize")  # the job returns the k-NN: higher is better
         if _precheck(config_name, sys.argv[1:], validate, runtime_check):
             try:
                 sys.argv += _run_dir_overrides(config_name, sys.argv[1:])

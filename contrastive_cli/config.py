@@ -17,6 +17,7 @@ from .errors import UserError, check, positive
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRI_STATE = ("auto", "true", "false")
+PROGRESS = ("auto", "bar", "log", "none")
 
 
 def check_device(name: str, value) -> None:
@@ -37,8 +38,12 @@ class TrainerCfg:
     checkpoint_every: int = 10
     resume: str | None = None
     knn_monitor: bool = True
+    knn_every: int = 0
+    progress: str = "auto"
+    progress_every: int = 100
     collapse_ratio: float = 0.1
     collapse_patience: int = 2
+    collapse_neg_cos: float = 0.9
     devices: int = 1
     sync_bn: bool = False
 
@@ -50,6 +55,11 @@ class TrainerCfg:
         positive("trainer.checkpoint_every", self.checkpoint_every, integer=True)
         positive("trainer.collapse_ratio", self.collapse_ratio, strict=False)
         positive("trainer.collapse_patience", self.collapse_patience, integer=True)
+        positive("trainer.knn_every", self.knn_every, integer=True, strict=False)
+        positive("trainer.progress_every", self.progress_every, integer=True)
+        check(-1.0 < self.collapse_neg_cos <= 1.0, f"trainer.collapse_neg_cos={self.collapse_neg_cos}: must be in (-1, 1] "
+                                                   "(1 turns this check off)")
+        check(self.progress in PROGRESS, f"trainer.progress={self.progress}: choose from {', '.join(PROGRESS)}")
         positive("trainer.devices", self.devices, integer=True)
         check(self.precision in PRECISIONS, f"trainer.precision={self.precision}: choose from {', '.join(PRECISIONS)}")
         self.channels_last = str(self.channels_last).lower()
@@ -103,8 +113,8 @@ class EvalPathsCfg:
 
 
 DATASET_KEYS = ("name", "image_size", "channels", "num_classes", "mean", "std", "source")
-TRAIN_KEYS = ("method", "encoder", "dataset", "augmentation", "optimizer", "trainer", "schedule", "paths")
-EVAL_KEYS = ("checkpoint", "eval", "paths")
+TRAIN_KEYS = ("method", "encoder", "dataset", "augmentation", "optimizer", "trainer", "schedule", "paths", "logger")
+EVAL_KEYS = ("checkpoint", "eval", "paths", "dataset")
 
 
 def typed(section: str, node, schema: type):
@@ -173,6 +183,8 @@ def validate_train(cfg: DictConfig) -> tuple[TrainerCfg, ScheduleCfg]:
     for group in ("method", "encoder", "augmentation", "optimizer"):
         check("_target_" in cfg[group], f"{group}: needs a _target_")
         check_target_keys(cfg[group], group)
+    if cfg.get("logger") is not None:
+        check_target_keys(cfg.logger, "logger")
     extra = [k for k in cfg.dataset if k not in DATASET_KEYS]
     check(not extra, f"dataset.{extra[0] if extra else ''}: unknown key; allowed: {', '.join(DATASET_KEYS)}")
     check_target_keys(cfg.dataset.source, "dataset.source")
@@ -209,6 +221,8 @@ def validate_eval(cfg: DictConfig) -> tuple[EvalCfg, EvalPathsCfg]:
     unknown_top_keys(cfg, EVAL_KEYS)
     check(isinstance(cfg.checkpoint, str) and cfg.checkpoint != "",
           f"checkpoint={cfg.checkpoint}: give the path of a checkpoint file")
+    if cfg.get("dataset") is not None:  # transfer evaluation
+        check_target_keys(cfg.dataset.source, "dataset.source")
     return typed("eval", cfg.eval, EvalCfg), typed("paths", cfg.paths, EvalPathsCfg)
 
 
@@ -230,8 +244,23 @@ def build(node, what: str, **kwargs):
 # Settings a resumed run may change: they decide how long, where and how visibly it runs, not what
 # it computes (the schedule follows the new trainer.epochs from the resumed step on).
 RESUMABLE = ("trainer.epochs", "trainer.device", "trainer.workers", "trainer.log_every", "trainer.checkpoint_every",
-             "trainer.knn_monitor", "trainer.compile", "trainer.collapse_ratio", "trainer.collapse_patience",
-             "trainer.resume", "paths.data_dir", "dataset.source.root")
+             "trainer.knn_monitor", "trainer.knn_every", "trainer.progress", "trainer.progress_every",
+             "trainer.compile", "trainer.collapse_ratio", "trainer.collapse_patience", "trainer.collapse_neg_cos",
+             "trainer.resume", "logger", "paths.data_dir", "dataset.source.root")
+
+
+def run_settings(cfg: DictConfig, choices: dict | None = None) -> dict:
+    """The settings a table of runs compares, resolved (`choices`: Hydra's group options, when known)."""
+    choices = choices or {}
+
+    def name(group: str) -> str:
+        node = cfg[group]
+        return choices.get(group) or str(node.get("arch") or node._target_.rsplit(".", 1)[-1]).lower()
+
+    return {"experiment": choices.get("experiment"), "method": name("method"), "encoder": name("encoder"),
+            "dataset": cfg.dataset.name, "optimizer": name("optimizer"), "epochs": cfg.trainer.epochs,
+            "batch_size": cfg.trainer.batch_size, "lr": cfg.optimizer.lr, "temperature": cfg.method.get("temperature"),
+            "precision": cfg.trainer.precision, "seed": cfg.trainer.seed}
 
 
 def override_keys(overrides: list[str]) -> list[str]:

@@ -6,11 +6,18 @@ Small datasets are held in memory once; augmentation happens later, on the devic
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import http.client
 import logging
 import os
+import shutil
+import socket
+import tarfile
+import tempfile
+import urllib.error
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +252,139 @@ def _find_idx(dirs: list[Path], stem: str) -> Path | None:
     return None
 
 
+# ------------------------------------------------------------------------------------- downloads
+
+DOWNLOAD_TIMEOUT_S = 30  # per connect / read: a machine without network fails in seconds, not minutes
+# what a failed fetch raises: URLError / HTTPError / timeouts / disk errors are OSError; torchvision
+# raises RuntimeError on a bad md5; a cut-off archive fails in tarfile, gzip or zlib
+_FETCH_ERRORS = (OSError, RuntimeError, http.client.HTTPException, tarfile.TarError, EOFError, zlib.error)
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """torchvision's urlopen calls pass no timeout, so they take the process-wide default (none: wait forever)."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _reason(e: BaseException) -> str:
+    """The short cause of a failed fetch, on one line."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException):
+        e = e.reason
+    if isinstance(e, TimeoutError):
+        return f"no answer within {DOWNLOAD_TIMEOUT_S} s"
+    text = str(e.reason if isinstance(e, urllib.error.URLError) else e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    """Rename within one filesystem: every file appears whole or not at all. Where a folder is already
+    there (an incomplete copy, or a parallel process's finished download), the files go in one by one."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, dst)
+        return
+    except OSError:
+        if not (src.is_dir() and dst.is_dir()):
+            raise
+    for item in src.iterdir():
+        _move_into(item, dst / item.name)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The top-most folder of `path` that does not exist yet (what makedirs would create)."""
+    top = None
+    while not path.exists() and path != path.parent:
+        top, path = path, path.parent
+    return top
+
+
+def _download(name: str, root: str, fetch: Callable[[str], None], folder: str, hint: str) -> None:
+    """`fetch(tmp)` into a fresh folder inside `root` (same filesystem), then move `tmp/folder` to
+    `root/folder`. Nothing half-written stays under `root`: the temporary folder goes whatever happens
+    (Ctrl-C included), and so do the folders made for it if the download fails."""
+    made = _first_missing(Path(root).absolute())
+    tmp, done = None, False
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}-download-", dir=root)
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            fetch(tmp)
+        _move_into(Path(tmp, folder), Path(root, folder))
+        done = True
+    except _FETCH_ERRORS as e:
+        raise UserError(f"dataset {name} not found in {root} and its download failed ({_reason(e)}); {hint}") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not done and made is not None:
+            _remove_empty(Path(root).absolute(), made)
+
+
+def _remove_empty(path: Path, top: Path) -> None:
+    """rmdir `path` and its parents up to `top` while they are empty (never anything with files in it)."""
+    while True:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == top:
+            return
+        path = path.parent
+
+
+def _fetch_idx(cls, raw: str) -> None:
+    """torchvision's MNIST.download, into `raw`: each file from the first mirror that serves it; the
+    .gz goes once unpacked (torchvision's MNIST checks for the unpacked names)."""
+    from torchvision.datasets import utils as tv_utils
+
+    for filename, md5 in cls.resources:
+        errors = []
+        for mirror in cls.mirrors:
+            try:
+                tv_utils.download_and_extract_archive(mirror + filename, raw, filename=filename, md5=md5,
+                                                      remove_finished=True)
+                break
+            except _FETCH_ERRORS as e:
+                errors.append(e)
+        else:
+            raise errors[0]  # the main mirror's reason; the others are fallbacks
+
+
+def _download_idx(variant: str, root: str, system_dir: str | None) -> None:
+    from torchvision import datasets
+
+    cls = getattr(datasets, _MNIST[variant][0])
+    folder = os.path.join(cls.__name__, "raw")
+    hint = (f"offline, put {', '.join(f for f, _ in cls.resources)} from {cls.mirrors[0]} (.gz or not) in "
+            f"{Path(root) / folder}" + (f" or {system_dir}" if system_dir else "")
+            + f" (or set paths.data_dir=<folder that has {cls.__name__}/raw/>)")
+    _download(variant, root, lambda tmp: _fetch_idx(cls, os.path.join(tmp, folder)), folder, hint)
+
+
+def _ensure_archive(cls, name: str, root: str, files: list[str]) -> None:
+    """Download and unpack `cls.url` (CIFAR, STL-10) unless all of `files` are in root/base_folder.
+    Presence is checked by name only: torchvision's md5 check (which the loader runs next) would
+    otherwise re-fetch hundreds of MB over a file that is merely not the original."""
+    from torchvision.datasets import utils as tv_utils
+
+    if all((Path(root) / cls.base_folder / f).is_file() for f in files):
+        return
+    hint = (f"offline, put {cls.filename} from {cls.url.rsplit('/', 1)[0]}/ extracted as "
+            f"{Path(root) / cls.base_folder}/ (or set paths.data_dir=<folder that has it>)")
+
+    def fetch(tmp: str) -> None:
+        tv_utils.download_and_extract_archive(cls.url, tmp, filename=cls.filename, md5=cls.tgz_md5)
+
+    _download(name, root, fetch, cls.base_folder, hint)
+
+
 def load_mnist(variant: str, root: str, download: bool = False, system_dir: str | None = None) -> Splits:
     """MNIST / Fashion-MNIST from torchvision's layout (root/<Name>/raw), or a system folder of IDX files."""
     if variant not in _MNIST:
@@ -252,10 +392,8 @@ def load_mnist(variant: str, root: str, download: bool = False, system_dir: str 
     folder, classes = _MNIST[variant]
     raw = Path(root) / folder / "raw"
     dirs = [raw] + ([Path(system_dir)] if system_dir else [])
-    if download and _find_idx(dirs, _IDX_FILES[True][0]) is None:
-        from torchvision.datasets import MNIST, FashionMNIST
-
-        (FashionMNIST if variant == "fashion_mnist" else MNIST)(root, train=True, download=True)
+    if download and any(_find_idx(dirs, stem) is None for stems in _IDX_FILES.values() for stem in stems):
+        _download_idx(variant, root, system_dir)
     out = []
     for train in (True, False):
         files = [_find_idx(dirs, stem) for stem in _IDX_FILES[train]]
@@ -264,21 +402,29 @@ def load_mnist(variant: str, root: str, download: bool = False, system_dir: str 
             raise UserError(
                 f"dataset {variant} not found: place {missing} (.gz or not) in {raw}"
                 + (f" or {system_dir}" if system_dir else "")
-                + " (or set dataset.source.download=true where the network allows)"
+                + " (or set dataset.source.download=true to fetch them where the network allows)"
             )
         x, y = read_idx(files[0]), read_idx(files[1])
         out.append(TensorImages(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)), classes))
     return Splits(out[0], out[1])
 
 
-def _torchvision_dataset(cls, name: str, where: str, **kwargs):
+def _torchvision_dataset(cls, name: str, download: bool, **kwargs):
+    """cls(...) with download=False: any download has happened already (`_ensure_archive`), so a
+    failure here means files missing or not passing torchvision's md5 check."""
+    where = f"{cls.base_folder}/ (from {cls.filename})"
     try:
-        return cls(**kwargs)
+        return cls(**kwargs, download=False)
     except RuntimeError as e:
         if "not found" in str(e).lower() or "corrupted" in str(e).lower():
+            if download:  # the files are there by name, yet torchvision rejects them
+                raise UserError(
+                    f"dataset {name} not found intact: {where} under {kwargs['root']} fails torchvision's "
+                    "md5 check (not the original files?); delete that folder to download it again"
+                ) from None
             raise UserError(
                 f"dataset {name} not found: place {where} under {kwargs['root']} "
-                "(or set dataset.source.download=true where the network allows)"
+                "(or set dataset.source.download=true to fetch it where the network allows)"
             ) from None
         raise
 
@@ -287,14 +433,15 @@ def load_cifar(variant: str, root: str, download: bool = False) -> Splits:
     """CIFAR-10 / CIFAR-100 through torchvision (the python pickle batches)."""
     from torchvision.datasets import CIFAR10, CIFAR100
 
-    table = {"cifar10": (CIFAR10, "cifar-10-batches-py/ (from cifar-10-python.tar.gz)"),
-             "cifar100": (CIFAR100, "cifar-100-python/ (from cifar-100-python.tar.gz)")}
+    table = {"cifar10": CIFAR10, "cifar100": CIFAR100}
     if variant not in table:
         raise UserError(f"variant={variant}: choose from {', '.join(table)}")
-    cls, where = table[variant]
+    cls = table[variant]
+    if download:
+        _ensure_archive(cls, variant, root, [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]])
     sets = []
     for train in (True, False):
-        ds = _torchvision_dataset(cls, variant, where, root=root, train=train, download=download)
+        ds = _torchvision_dataset(cls, variant, download, root=root, train=train)
         x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         sets.append(TensorImages(x, torch.tensor(ds.targets), list(ds.classes)))
     return Splits(sets[0], sets[1])
@@ -310,10 +457,11 @@ def load_stl10(root: str, download: bool = False, train_split: str = "unlabeled"
     allowed = ("unlabeled", "train", "train+unlabeled")
     if train_split not in allowed:
         raise UserError(f"train_split={train_split}: choose from {', '.join(allowed)}")
-    where = "stl10_binary/ (from stl10_binary.tar.gz)"
+    if download:
+        _ensure_archive(STL10, "stl10", root, [f for f, _ in STL10.train_list + STL10.test_list])
 
     def split(name: str) -> TensorImages:
-        ds = _torchvision_dataset(STL10, "stl10", where, root=root, split=name, download=download)
+        ds = _torchvision_dataset(STL10, "stl10", download, root=root, split=name)
         classes = list(getattr(ds, "classes", None) or _STL10_CLASSES)  # torchvision sets it only with class_names.txt
         return TensorImages(torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)), classes)
 

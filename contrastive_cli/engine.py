@@ -41,23 +41,44 @@ def collapse_stats(z1: Tensor, z2: Tensor) -> Tensor:
 
 @dataclass
 class CollapseMonitor:
-    """Warns once when std * sqrt(d) stays under `ratio` for `patience` epochs in a row."""
+    """Warns once when, for `patience` epochs in a row, std * sqrt(d) stays under `ratio` (every
+    image gets the same embedding) or neg_cos stays over `neg_cos` (different images are no longer
+    told apart: seen on a MoCo digits run at neg_cos 0.98, its k-NN below a random encoder's)."""
 
     ratio: float = 0.1
     patience: int = 2
+    neg_cos: float = 0.9
     low_epochs: int = 0
-    warned: bool = False
+    warned: bool = False  # the std warning (the name older checkpoints store it under)
+    high_epochs: int = 0
+    warned_cos: bool = False
 
-    def update(self, std: float, dim: int, epoch: int, quiet: bool = False) -> bool:
+    def update(self, std: float, dim: int, epoch: int, neg_cos: float = 0.0, quiet: bool = False) -> bool:
+        """Each warning once; returns whether either was given."""
         self.low_epochs = self.low_epochs + 1 if std * math.sqrt(dim) < self.ratio else 0
+        self.high_epochs = self.high_epochs + 1 if neg_cos > self.neg_cos else 0
+        since = epoch - self.patience + 1
         if self.low_epochs >= self.patience and not self.warned:
             self.warned = True
             if not quiet:
-                log.warning(
-                    "embeddings look collapsed since epoch %d (std %.4f < %.2f/sqrt(%d)); likely causes: lr too "
-                    "high for the optimizer, EMA momentum too low, or no predictor (BYOL)",
-                    epoch - self.patience + 1, std, self.ratio, dim)
-        return self.warned
+                log.warning("embeddings look collapsed since epoch %d (std %.4f < %.2f/sqrt(%d)); likely causes: lr "
+                            "too high for the optimizer, EMA momentum too low, or no predictor (BYOL)",
+                            since, std, self.ratio, dim)
+        if self.high_epochs >= self.patience and not self.warned_cos:
+            self.warned_cos = True
+            if not quiet:
+                log.warning("embeddings of different images look alike since epoch %d (mean cosine %.3f > %.2f "
+                            "between views of different images); likely causes: lr too high, temperature too high, "
+                            "EMA momentum too low, or a queue of stale keys", since, neg_cos, self.neg_cos)
+        return self.any
+
+    @property
+    def any(self) -> bool:
+        return self.warned or self.warned_cos
+
+    def state(self) -> dict:
+        return {"low_epochs": self.low_epochs, "warned": self.warned, "high_epochs": self.high_epochs,
+                "warned_cos": self.warned_cos}
 
 
 @dataclass
@@ -87,6 +108,8 @@ class TrainState:
     monitor: CollapseMonitor = field(default_factory=CollapseMonitor)
     batch: int = 0  # batches of epoch `epoch` already done (a checkpoint written on a signal)
     partial: dict | None = None  # that epoch's metric sums, view generator state and elapsed time
+    trace: list[dict] = field(default_factory=list)  # the synchronised reads inside epochs, for loss.png
+    best: dict | None = None  # {"key", "value", "epoch"} of the best held-out score so far (best.pt)
 
 
 class StopSignals:
@@ -125,6 +148,14 @@ class Loop:
     checkpoint_every: int = 10
     rank: int = 0
     world: int = 1
+    progress: str = "bar"  # bar: a run bar and an epoch bar; log: a log line every progress_every steps; none
+    progress_every: int = 100
+    # rank 0's held-out score (higher is better), run every monitor_every epochs and after the last;
+    # passed in, so this loop knows nothing of how it is computed
+    monitor: Callable[[], float] | None = None
+    monitor_name: str = "knn_top1"
+    monitor_every: int = 1
+    on_log: Callable[[dict, int], None] | None = None  # rank 0's scalars for an external logger
 
 
 def make_views(batch, augment: nn.Module, generator: torch.Generator, prec: Precision, cpu_views: bool):
@@ -155,12 +186,12 @@ def optimizer_step(model: Callable, x1: Tensor, x2: Tensor, y: Tensor, optimizer
 def fit(
     method: Method, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
     augment: nn.Module, data, loop: Loop, prec: Precision, state: TrainState, run_dir: Path,
-    config_yaml: str, model: Callable | None = None,
+    config_yaml: str, model: Callable | None = None, record_extra: dict | None = None,
 ) -> TrainState:
     """Train from `state.epoch` (batch `state.batch`) to `loop.epochs`; rank 0 writes metrics.csv and
     checkpoints after every epoch, and one more when SIGTERM / SIGINT arrives, after the current
     step, before raising Interrupted. `model` is what runs the step (the method, or it wrapped in
-    DDP / torch.compile)."""
+    DDP / torch.compile); `record_extra`: more to store in every checkpoint (the run's overrides)."""
     model = model or method
     main = loop.rank == 0
     steps_per_epoch = num_batches(data, loop.batch_size, world=loop.world)
@@ -186,10 +217,11 @@ def fit(
             "config": config_yaml, "epoch": state.epoch, "step": state.step, "history": state.history,
             "model": method.state_dict(), "encoder": method.encoder.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
-            "monitor": {"low_epochs": state.monitor.low_epochs, "warned": state.monitor.warned}, **extra,
+            "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "monitor": state.monitor.state(),
+            "trace": state.trace, "best": state.best, **(record_extra or {}), **extra,
         }
 
+    progress = Progress(loop, state, total, main, elapsed)
     with StopSignals() as stop:
         for epoch in range(state.epoch, loop.epochs):
             # the views depend only on (seed, epoch, rank) and the batch's place: a resumed run draws the same
@@ -204,8 +236,7 @@ def fit(
                                       pin=prec.device.type == "cuda", rank=loop.rank, world=loop.world,
                                       augment=augment if cpu_views else None,
                                       aug_seed=loop.seed * 1_009 + epoch * 101 + loop.rank, start=first)
-            bar = tqdm(batches, total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{loop.epochs}",
-                       leave=False, dynamic_ncols=True, disable=not main)
+            bar = progress.epoch_bar(batches, epoch, first, steps_per_epoch)
             for i, batch in enumerate(bar, start=first):
                 x1, x2, y = make_views(batch, augment, generator, prec, cpu_views)
                 out = optimizer_step(model, x1, x2, y, optimizer, scaler, prec)
@@ -215,16 +246,21 @@ def fit(
                 now = torch.cat([out.loss.detach().float().view(1), collapse_stats(out.z1, out.z2)])
                 sums += now
                 stopping = stop.signum if loop.world == 1 else 0
-                if state.step % loop.log_every == 0:  # the only host sync inside the epoch
+                # the only host syncs inside the epoch; also its first step, so the loss shows at once (not
+                # at a resumed epoch's first batch: its reads stay those of an uninterrupted run)
+                if state.step % loop.log_every == 0 or i == 0:
                     # averaged over ranks, so a non-finite loss or a signal stops every rank at the same step
                     loss, std, neg_cos, signum = distributed.mean(
                         torch.cat([now, now.new_tensor([stop.signum])])).tolist()
                     stopping = stopping or (stop.signum or signal.SIGTERM if signum else 0)
                     _check_finite(loss, epoch, state.step, ckpt_dir)
-                    bar.set_postfix(step=state.step, loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}",
-                                    std=f"{std:.3f}", neg_cos=f"{neg_cos:.2f}")
+                    point = {"step": state.step, "epoch": round(epoch + (i + 1) / steps_per_epoch, 4), "loss": loss,
+                             "lr": optimizer.param_groups[0]["lr"], "emb_std": std, "neg_cos": neg_cos}
+                    state.trace.append(point)
+                    progress.step(bar, point, time.perf_counter() - start)
                 if stopping and i + 1 < steps_per_epoch:
                     bar.close()
+                    progress.close()
                     # every rank's own: rank r draws its views from its own generator
                     gen = distributed.gather(generator.get_state().to(prec.device).view(1, -1)).cpu()
                     partial = {"sums": distributed.gather(sums.view(1, -1)).cpu(), "generator": gen,
@@ -240,23 +276,90 @@ def fit(
             row = {"epoch": state.epoch, "step": state.step, "loss": epoch_loss,
                    "lr": optimizer.param_groups[0]["lr"], "time": round(time.perf_counter() - start, 3),
                    "emb_std": emb_std, "neg_cos": neg_cos}
+            improved = False
+            if loop.monitor is not None:
+                row[loop.monitor_name] = None
+                if main and (state.epoch % loop.monitor_every == 0 or state.epoch == loop.epochs):
+                    began = time.perf_counter()
+                    score = row[loop.monitor_name] = float(loop.monitor())
+                    start += time.perf_counter() - began  # held-out scoring is not training time
+                    improved = state.best is None or score > state.best["value"]
+                    if improved:
+                        state.best = {"key": loop.monitor_name, "value": score, "epoch": state.epoch}
             state.history.append(row)
             # `out` is this epoch's last step: a resumed epoch has one left (_check_same_place)
-            state.monitor.update(emb_std, out.z1.shape[1], state.epoch, quiet=not main)
+            state.monitor.update(emb_std, out.z1.shape[1], state.epoch, neg_cos, quiet=not main)
             record = payload(batch=0)
             if main:
-                log.info("epoch %d/%d  step %d  loss %.4f  lr %.4g  emb_std %.4f  neg_cos %.3f  %.1fs", state.epoch,
-                         loop.epochs, state.step, epoch_loss, row["lr"], emb_std, neg_cos, row["time"])
+                progress.epoch_end(row, loop.monitor_name)
                 write_metrics(state.history, run_dir / "metrics.csv")
+                write_metrics(state.trace, run_dir / "steps.csv")
                 checkpoint.save_atomic(record, ckpt_dir / "last.pt")
+                if improved:
+                    checkpoint.save_atomic(record, ckpt_dir / "best.pt")
                 if state.epoch % loop.checkpoint_every == 0 or state.epoch == loop.epochs:
                     checkpoint.save_atomic(record, ckpt_dir / f"epoch_{state.epoch:04d}.pt")
             # under DDP only the all-reduced flag counts: a signal that reached one rank after the
             # all-reduce must not send that rank away alone
             stop_now = signum if loop.world > 1 else stop.signum
             if stop_now and state.epoch < loop.epochs:
+                progress.close()
                 _stop(stop.signum or signal.SIGTERM, loop, None, ckpt_dir, state, state.epoch, 0, steps_per_epoch)
+    progress.close()
     return state
+
+
+class Progress:
+    """What a user watching the run sees (rank 0 only). `bar`: one bar over the run's epochs with
+    its ETA and, under it, the epoch's bar with the loss from its first step; `log`: no carriage
+    returns (output that is not a terminal), a log line every `progress_every` steps; `none`: the
+    per-epoch log lines only. The per-epoch lines and the external logger are there in every mode."""
+
+    def __init__(self, loop: Loop, state: TrainState, total: int, main: bool, elapsed0: float):
+        self.loop, self.total, self.main, self.elapsed0 = loop, total, main, elapsed0
+        self.bars = main and loop.progress == "bar"
+        self.first_step, self.next_line = state.step, state.step + loop.progress_every
+        self.run_bar = tqdm(total=loop.epochs, initial=state.epoch, desc="run", unit="epoch", position=0,
+                            dynamic_ncols=True, disable=not self.bars)
+
+    def epoch_bar(self, batches, epoch: int, first: int, steps: int):
+        return tqdm(batches, total=steps, initial=first, desc=f"epoch {epoch + 1}/{self.loop.epochs}", position=1,
+                    leave=False, dynamic_ncols=True, disable=not self.bars)
+
+    def step(self, bar, point: dict, elapsed: float) -> None:
+        if not self.main:
+            return
+        bar.set_postfix(step=point["step"], loss=f"{point['loss']:.4f}", lr=f"{point['lr']:.4g}",
+                        std=f"{point['emb_std']:.3f}", neg_cos=f"{point['neg_cos']:.2f}")
+        if self.loop.on_log is not None:
+            self.loop.on_log({k: point[k] for k in ("loss", "lr", "emb_std", "neg_cos")}, point["step"])
+        step = point["step"]
+        if self.loop.progress == "log" and (step >= self.next_line or step == self.first_step + 1):
+            self.next_line = step + self.loop.progress_every
+            done = step - self.first_step
+            eta = (elapsed - self.elapsed0) / max(1, done) * (self.total - step)
+            log.info("step %d/%d (%.0f%%, epoch %.2f)  loss %.4f  lr %.4g  emb_std %.4f  neg_cos %.3f  eta %s", step,
+                     self.total, 100 * step / self.total, point["epoch"], point["loss"], point["lr"], point["emb_std"],
+                     point["neg_cos"], _clock(eta))
+
+    def epoch_end(self, row: dict, monitor_name: str) -> None:
+        score = row.get(monitor_name)
+        loop = self.loop
+        log.info("epoch %d/%d  step %d  loss %.4f  lr %.4g  emb_std %.4f  neg_cos %.3f  %.1fs%s", row["epoch"],
+                 loop.epochs, row["step"], row["loss"], row["lr"], row["emb_std"], row["neg_cos"], row["time"],
+                 f"  {monitor_name} {score:.4f}" if score is not None else "")
+        self.run_bar.update(1)
+        self.run_bar.set_postfix(loss=f"{row['loss']:.4f}", **({monitor_name: f"{score:.4f}"} if score is not None else {}))
+        if loop.on_log is not None:
+            self.loop.on_log({"epoch_loss": row["loss"], monitor_name: score}, row["step"])
+
+    def close(self) -> None:
+        self.run_bar.close()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(max(0.0, seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def _stop(signum: int, loop: Loop, record: dict | None, ckpt_dir: Path, state: TrainState, epoch: int,
@@ -294,8 +397,11 @@ def _check_finite(loss: float, epoch: int, step: int, ckpt_dir: Path) -> None:
                         f"or trainer.precision=fp32); {_last_good(ckpt_dir)}")
 
 
-def write_metrics(history: list[dict], path: Path) -> None:
+def write_metrics(rows: list[dict], path: Path) -> None:
+    """Rows as CSV; the columns are every key any row has (a resumed run's older rows may lack a newer
+    column), in order of first appearance."""
+    names = list(dict.fromkeys(k for r in rows for k in r)) or list(METRIC_FIELDS)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]) if history else METRIC_FIELDS)
+        w = csv.DictWriter(f, fieldnames=names, restval="")
         w.writeheader()
-        w.writerows(history)
+        w.writerows(rows)

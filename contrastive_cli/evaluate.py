@@ -19,13 +19,14 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, data, mean, std, device: torch.device, batch_size: int = 512,
-                     desc: str = "features") -> tuple[Tensor, Tensor]:
+                     desc: str = "features", show: bool = True) -> tuple[Tensor, Tensor]:
     """Encoder features (before any projector) of every image, in order; float32 on the CPU."""
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     batches = iterate_batches(data, batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
-    for x, y in tqdm(batches, total=num_batches(data, batch_size, drop_last=False), desc=desc, leave=False):
+    for x, y in tqdm(batches, total=num_batches(data, batch_size, drop_last=False), desc=desc, leave=False,
+                     disable=not show):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats.append(encoder(normalize(x.to(device, non_blocking=True), mean, std)).float())
         labels.append(y)
@@ -130,34 +131,59 @@ def tsne_png(feats: Tensor, labels: Tensor, classes: list[str], path, samples: i
     return n
 
 
-def loss_png(history: list[dict], path, title: str = "") -> None:
-    """The training loss per epoch, as a picture."""
+def loss_png(history: list[dict], trace: list[dict], path, title: str = "", monitor: str = "knn_top1") -> None:
+    """The run against steps: loss, lr, the collapse statistics and the online k-NN, one panel each.
+    `trace` holds the reads inside epochs (every trainer.log_every steps), so one epoch is a curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    ax.plot([r["epoch"] for r in history], [r["loss"] for r in history], marker="o", ms=3)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    points = trace or history  # a checkpoint from before the trace: one point per epoch
+    steps = [p["step"] for p in points]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=110, sharex=True)
+    (ax_loss, ax_lr), (ax_col, ax_knn) = axes
+    ax_loss.plot(steps, [p["loss"] for p in points], lw=1, label="loss (synchronised reads)")
+    ax_loss.plot([r["step"] for r in history], [r["loss"] for r in history], "o", ms=4, label="epoch mean")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.legend(fontsize=8)
+    ax_lr.plot(steps, [p["lr"] for p in points], color="tab:green", lw=1)
+    ax_lr.set_ylabel("learning rate")
+    ax_col.plot(steps, [p["emb_std"] for p in points], color="tab:purple", lw=1, label="emb_std")
+    ax_col.set_ylabel("emb_std (collapsed: 0)", color="tab:purple")
+    twin = ax_col.twinx()
+    twin.plot(steps, [p["neg_cos"] for p in points], color="tab:red", lw=1, label="neg_cos")
+    twin.set_ylabel("neg_cos (collapsed: 1)", color="tab:red")
+    scored = [r for r in history if r.get(monitor) not in (None, "")]
+    if scored:
+        ax_knn.plot([r["step"] for r in scored], [float(r[monitor]) for r in scored], "o-", color="tab:orange", ms=4)
+        best = max(scored, key=lambda r: float(r[monitor]))
+        ax_knn.set_title(f"best {float(best[monitor]):.4f} at epoch {best['epoch']}", fontsize=9)
+    else:
+        ax_knn.text(0.5, 0.5, "no online k-NN\n(trainer.knn_every=N turns it on)", ha="center", va="center",
+                    transform=ax_knn.transAxes, color="gray")
+    ax_knn.set_ylabel("online k-NN top-1 (k=200)")
+    for ax in (ax_col, ax_knn):
+        ax.set_xlabel("step")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def run_evaluation(cfg, out_dir) -> dict:
-    """cl-eval: rebuild the encoder and data from the checkpoint's own config, then score it."""
+    """cl-eval: rebuild the encoder and data from the checkpoint's own config, then score it; with
+    `dataset=OTHER`, score it on another dataset of the same channels (transfer)."""
     import json
     from pathlib import Path
 
     from omegaconf import OmegaConf
 
     from . import checkpoint
-    from .config import build, move_data, validate_eval
-    from .train import build_model, resolve_device
+    from .config import build, move_data, run_settings, validate_eval
+    from .parts import build_model, resolve_device
 
     e, paths = validate_eval(cfg)
     ckpt = checkpoint.load(cfg.checkpoint)
@@ -167,36 +193,60 @@ def run_evaluation(cfg, out_dir) -> dict:
         move_data(train_cfg, paths.data_dir)
     if paths.image_root is not None and ds.name == "imagefolder":
         ds.source.root = paths.image_root
-    log.info("evaluating %s (epoch %d, step %d): %s on %s", cfg.checkpoint, ckpt["epoch"], ckpt["step"],
-             train_cfg.method._target_.rsplit(".", 1)[-1], ds.name)
+    target = ds
+    if cfg.get("dataset") is not None:  # transfer: the encoder of one dataset judged on another
+        target = cfg.dataset
+        if target.channels != ds.channels:
+            raise UserError(f"dataset={target.name}: has {target.channels} channel(s), but the encoder was trained on "
+                            f"{ds.name} with {ds.channels}; choose a dataset with {ds.channels} channel(s)")
+    method_name = train_cfg.method._target_.rsplit(".", 1)[-1]
+    log.info("evaluating %s (epoch %d, step %d): %s trained on %s, evaluated on %s", cfg.checkpoint, ckpt["epoch"],
+             ckpt["step"], method_name, ds.name, target.name)
     device = resolve_device(e.device)
     encoder, _ = build_model(train_cfg)
     encoder.load_state_dict(ckpt["encoder"])
     encoder.to(device)
     try:
-        splits = build(ds.source, "dataset")
+        splits = build(target.source, "dataset")
     except UserError as err:
+        if target is not ds:
+            raise
         where = "paths.image_root=<its folder now>" if ds.name == "imagefolder" else "paths.data_dir=<where it is now>"
         raise UserError(f"{err} (if the data has moved since training, give {where})") from None
-    tr_f, tr_y = extract_features(encoder, splits.eval_train, ds.mean, ds.std, device, e.batch_size, "train features")
-    te_f, te_y = extract_features(encoder, splits.test, ds.mean, ds.std, device, e.batch_size, "test features")
+    tr_f, tr_y = extract_features(encoder, splits.eval_train, target.mean, target.std, device, e.batch_size,
+                                  "train features")
+    te_f, te_y = extract_features(encoder, splits.test, target.mean, target.std, device, e.batch_size, "test features")
     classes = list(getattr(splits.test, "classes", []))
     n_cls = max(len(classes), int(max(tr_y.max(), te_y.max())) + 1)
     out = Path(out_dir)
     on_dev = [t.to(device) for t in (tr_f, tr_y, te_f, te_y)]  # k-NN as chunked matmuls on the device
+    run = ckpt.get("run") or {}
     result = {
-        "checkpoint": str(Path(cfg.checkpoint).resolve()), "dataset": ds.name,
-        "method": train_cfg.method._target_, "epoch": ckpt["epoch"],
+        "checkpoint": str(Path(cfg.checkpoint).resolve()), "dataset": target.name, "pretrained_on": ds.name,
+        "transfer": target is not ds, "method": train_cfg.method._target_, "epoch": ckpt["epoch"],
         "n_train": len(tr_f), "n_test": len(te_f), "feature_dim": int(tr_f.shape[1]),
         "knn_top1": knn_top1(*on_dev, n_cls, e.knn_k, e.knn_temperature),
         "knn5_top1": knn_top1(*on_dev, n_cls, k=5, weighted=False),
         "linear_top1": linear_probe(tr_f, tr_y, te_f, te_y, e.linear_max_iter, e.seed, device, e.linear_backend),
+        "overrides": run.get("overrides", []), "settings": run_settings(train_cfg, run.get("choices")),
+        "eval_overrides": _eval_overrides(),
     }
     if e.tsne_samples > 1:
-        result["tsne_points"] = tsne_png(te_f, te_y, classes, out / "tsne.png", e.tsne_samples, e.seed,
-                                         f"t-SNE of {ds.name} test features ({result['method'].rsplit('.', 1)[-1]})")
+        n = min(e.tsne_samples, len(te_f))
+        title = (f"t-SNE of {n} of {len(te_f)} {target.name} test features\n{method_name}"
+                 f"{f' (trained on {ds.name})' if target is not ds else ''}, epoch {ckpt['epoch']}, "
+                 f"k-NN top-1 {result['knn_top1']:.4f}")
+        result["tsne_points"] = tsne_png(te_f, te_y, classes, out / "tsne.png", e.tsne_samples, e.seed, title)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     log.info("k-NN top-1 (k=%d, T=%g) %.4f, 5-NN top-1 %.4f, linear top-1 %.4f on %d test images; wrote %s",
              e.knn_k, e.knn_temperature, result["knn_top1"], result["knn5_top1"], result["linear_top1"],
              result["n_test"], out / "eval.json")
     return result
+
+
+def _eval_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("hydra")]

@@ -25,9 +25,11 @@ def fp32(loss):
 
 
 @fp32
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float, decoupled: bool = False) -> Tensor:
     """NT-Xent (SimCLR) over the 2N views: the positive of view i is view i+N (and of i+N, i);
     the other 2N-2 views are negatives; the sample itself is masked out.
+    decoupled: DCL (Yeh et al. 2022, arXiv:2110.06848): the positive is left out of the
+    denominator too, -s_ip / T + log sum_{k != i, p} exp(s_ik / T).
 
     z1, z2: N x D projections of the two views (normalized here).
     """
@@ -36,7 +38,11 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     sim = z @ z.t() / temperature  # 2N x 2N
     sim.fill_diagonal_(float("-inf"))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, target)
+    if not decoupled:
+        return F.cross_entropy(sim, target)
+    positive = sim.gather(1, target[:, None]).squeeze(1)
+    negatives = sim.scatter(1, target[:, None], float("-inf"))
+    return (negatives.logsumexp(1) - positive).mean()
 
 
 @fp32

@@ -6,7 +6,9 @@ import inspect
 import json
 import logging
 import random
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import checkpoint, distributed
-from .config import TrainerCfg, build, resolve_resume, typed, validate_train
+from .config import TrainerCfg, build, resolve_resume, run_settings, typed, validate_train
 from .data import TensorImages, num_batches
 from .engine import CollapseMonitor, Loop, Precision, TrainState, fit
 from .errors import Interrupted, UserError, check
@@ -23,18 +25,9 @@ from .evaluate import extract_features, knn_top1, loss_png
 from .methods.base import Method
 from .momentum import SplitBatchNorm2d
 from .optim import build_optimizer, warmup_cosine
+from .parts import build_model, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    check(dev.type != "cuda" or torch.cuda.is_available(), f"device={name}: CUDA is not available here (use auto or cpu)")
-    check(dev.type != "cuda" or dev.index is None or dev.index < torch.cuda.device_count(),
-          f"device={name}: this machine has {torch.cuda.device_count() if dev.type == 'cuda' else 0} CUDA device(s)")
-    return dev
 
 
 _checked_data: dict[str, object] = {}
@@ -64,13 +57,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_model(cfg: DictConfig):
-    """Encoder and method from the config; shared by training, resume and evaluation."""
-    encoder = build(cfg.encoder, "encoder")
-    method = build(cfg.method, "method")(encoder=encoder)
-    return encoder, method
 
 
 def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
@@ -119,7 +105,7 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
                     100 * factor(t.epochs * steps - 1))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler(device.type, enabled=prec.dtype == torch.float16)
-    state = TrainState(monitor=CollapseMonitor(t.collapse_ratio, t.collapse_patience))
+    state = TrainState(monitor=CollapseMonitor(t.collapse_ratio, t.collapse_patience, t.collapse_neg_cos))
     if resume is not None:
         state = _restore(resume, method, optimizer, scheduler, scaler, t)
     model = _wrap(method, t, world, device)
@@ -133,24 +119,61 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
                  "precision %s; run dir %s", cfg.method._target_.rsplit(".", 1)[-1], cfg.dataset.name, len(train),
                  steps, global_batch, world, device, prec.dtype or "fp32", run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+    progress = t.progress if t.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
+    score = knn_score(method.encoder, splits, cfg.dataset, device, progress == "bar") if t.knn_every else None
+    run = resume.get("run") if resume is not None else None
+    run = run or {"overrides": list(overrides or []), "choices": _choices()}
+    logger = None
+    if rank == 0 and cfg.get("logger") is not None:
+        logger = build(cfg.logger, "logger", _recursive_=False, run_dir=run_dir,  # the config is data here
+                       run_config=OmegaConf.to_container(cfg, resolve=True))
     wall = time.perf_counter()
     loop = Loop(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, workers=t.workers, log_every=t.log_every,
-                checkpoint_every=t.checkpoint_every, rank=rank, world=world)
+                checkpoint_every=t.checkpoint_every, rank=rank, world=world, progress=progress,
+                progress_every=t.progress_every, monitor=score, monitor_every=t.knn_every or 1,
+                on_log=logger.log if logger is not None else None)
     try:
         state = fit(method, optimizer, scheduler, scaler, augment, train, loop, prec, state, run_dir,
-                    OmegaConf.to_yaml(cfg, resolve=True), model=model)
+                    OmegaConf.to_yaml(cfg, resolve=True), model=model, record_extra={"run": run})
     except Interrupted:  # every rank stops at the same step, after the save
         distributed.cleanup()
         raise
     except BaseException:
         distributed.cleanup(barrier=False)
         raise
+    finally:
+        if logger is not None:
+            logger.close()
     distributed.cleanup()
     if rank != 0:
         return None
     written = resume is None or state.step > resume["step"]
     last = run_dir / "checkpoints" / "last.pt" if written else resume_path  # nothing trained: name what was read
-    return _summarize(cfg, t, method, splits, state, run_dir, device, time.perf_counter() - wall, last)
+    return _summarize(cfg, t, method, splits, state, run_dir, device, time.perf_counter() - wall, last, run,
+                      overrides if resume is not None else None, progress == "bar")
+
+
+def knn_score(encoder: nn.Module, splits, ds, device: torch.device, bars: bool = True) -> Callable[[], float]:
+    """cl-eval's weighted k-NN (k=200, T=0.1) of the encoder's features on the held-out split, as
+    the callable the loop runs every trainer.knn_every epochs (features in batches on the device,
+    the similarities in chunks there too)."""
+
+    def score() -> float:
+        tr_f, tr_y = extract_features(encoder, splits.eval_train, ds.mean, ds.std, device, desc="k-NN train", show=bars)
+        te_f, te_y = extract_features(encoder, splits.test, ds.mean, ds.std, device, desc="k-NN test", show=bars)
+        n_cls = int(max(tr_y.max(), te_y.max())) + 1
+        return knn_top1(tr_f.to(device), tr_y.to(device), te_f.to(device), te_y.to(device), n_cls)
+
+    return score
+
+
+def _choices() -> dict:
+    """The config group options Hydra composed this job from (method=moco, +experiment=...)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra") and v is not None}
 
 
 def check_data(cfg: DictConfig, t: TrainerCfg, splits, world: int, needs_labels: bool) -> int:
@@ -189,18 +212,26 @@ def _wrap(method: Method, t: TrainerCfg, world: int, device: torch.device):
 
 
 def _summarize(cfg, t: TrainerCfg, method: Method, splits, state: TrainState, run_dir: Path,
-               device: torch.device, wall: float, last: Path) -> dict:
+               device: torch.device, wall: float, last: Path, run: dict, resumed_with: list[str] | None,
+               bars: bool) -> dict:
+    """summary.json: what was trained and how well, with the overrides and settings a table of runs needs."""
     summary = {"method": cfg.method._target_, "dataset": cfg.dataset.name, "epochs": state.epoch,
                "steps": state.step, "final_loss": state.history[-1]["loss"] if state.history else None,
-               "wall_time_s": round(wall, 2), "collapse_warning": state.monitor.warned, "checkpoint": str(last)}
+               "wall_time_s": round(wall, 2), "collapse_warning": state.monitor.any, "checkpoint": str(last),
+               "overrides": run.get("overrides", []), "settings": run_settings(cfg, run.get("choices"))}
+    if resumed_with is not None:
+        summary["resumed_with"] = list(resumed_with)
+    if state.best is not None:
+        summary.update(knn_best=round(state.best["value"], 4), knn_best_epoch=state.best["epoch"],
+                       best_checkpoint=str(run_dir / "checkpoints" / "best.pt"))
+    title = f"{summary['settings']['method']} on {cfg.dataset.name}"
     if state.history:
-        loss_png(state.history, run_dir / "loss.png", f"{summary['method'].rsplit('.', 1)[-1]} on {cfg.dataset.name}")
-    if t.knn_monitor:
-        ds = cfg.dataset
-        tr = extract_features(method.encoder, splits.eval_train, ds.mean, ds.std, device, desc="k-NN train")
-        te = extract_features(method.encoder, splits.test, ds.mean, ds.std, device, desc="k-NN test")
-        n_cls = int(max(tr[1].max(), te[1].max())) + 1
-        summary["knn_top1"] = round(knn_top1(tr[0], tr[1], te[0], te[1], n_cls), 4)
+        loss_png(state.history, state.trace, run_dir / "loss.png", title)
+    final = state.history[-1].get("knn_top1") if state.history else None
+    if final is not None:
+        summary["knn_top1"] = round(final, 4)
+    elif t.knn_monitor:
+        summary["knn_top1"] = round(knn_score(method.encoder, splits, cfg.dataset, device, bars)(), 4)
         log.info("k-NN top-1 (k=200, T=0.1) on the test split: %.4f", summary["knn_top1"])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("checkpoint: %s", summary["checkpoint"])
@@ -219,9 +250,10 @@ def _restore(ckpt: dict, method, optimizer, scheduler, scaler, t: TrainerCfg) ->
     checkpoint.set_rng_state(ckpt["rng"])
     if ckpt["epoch"] >= t.epochs:
         log.info("checkpoint already has %d of %d epochs: nothing to train", ckpt["epoch"], t.epochs)
-    monitor = CollapseMonitor(t.collapse_ratio, t.collapse_patience, **ckpt.get("monitor", {}))
+    monitor = CollapseMonitor(t.collapse_ratio, t.collapse_patience, t.collapse_neg_cos, **ckpt.get("monitor", {}))
     return TrainState(epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]), monitor=monitor,
-                      batch=ckpt.get("batch", 0), partial=ckpt.get("partial"))
+                      batch=ckpt.get("batch", 0), partial=ckpt.get("partial"), trace=list(ckpt.get("trace", [])),
+                      best=ckpt.get("best"))
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m contrastive_cli.train [overrides]

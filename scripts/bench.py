@@ -31,7 +31,8 @@ from contrastive_cli.config import build, validate_train  # noqa: E402
 from contrastive_cli.data import TensorImages, iterate_batches  # noqa: E402
 from contrastive_cli.engine import make_views, optimizer_step  # noqa: E402
 from contrastive_cli.optim import build_optimizer  # noqa: E402
-from contrastive_cli.train import build_model, resolve_device, resolve_precision, seed_everything  # noqa: E402
+from contrastive_cli.parts import build_model, resolve_device  # noqa: E402
+from contrastive_cli.train import resolve_precision, seed_everything  # noqa: E402
 
 
 def per_image_transform(view, channels: int):

@@ -76,7 +76,7 @@ BAD_TRAIN = [
     (["+trainer.bogus=1"], "trainer.bogus: unknown key"),
     (["+bogus=3"], "bogus: unknown key"),
     (["+method.bogus=3"], "method.bogus: unknown key"),
-    (["dataset=cifar10", "paths.data_dir=nowhere"], "dataset cifar10 not found"),
+    (["dataset=cifar10", "paths.data_dir=nowhere", "dataset.source.download=false"], "dataset cifar10 not found"),
     (["trainer.resume=missing.pt"], "trainer.resume=missing.pt: no such file"),
     (["-m", "optimizer.lr=0.1,-1"], "optimizer.lr=-1"),
     (["optimizer.lr=nan"], "optimizer.lr=nan: must be a finite number"),

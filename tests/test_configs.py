@@ -21,6 +21,8 @@ def test_groups_have_the_documented_options():
     assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "mnist", "stl10"]
     assert options("augmentation") == ["byol", "grey", "simclr"]
     assert options("optimizer") == ["adamw", "lars", "sgd"]
+    assert options("logger") == ["csv", "tensorboard", "wandb"]
+    assert "fashion_mnist_fast" in options("experiment")
 
 
 @pytest.mark.parametrize("dataset", options("dataset"))

@@ -74,3 +74,43 @@ def test_losses_run_in_fp32_under_autocast():
     assert mixed[1].item() == pytest.approx(exact[1].item(), abs=1e-6)  # fp32 inputs stay exact
     assert mixed[0].item() == pytest.approx(exact[0].item(), rel=2e-2)  # only the bf16 inputs' rounding
 
+
+
+def dcl_reference(z1, z2, t):
+    """DCL by the pair: as SimCLR's algorithm 1 with the positive also left out of the denominator."""
+    z = [F.normalize(v, dim=0) for v in torch.cat([z1, z2])]
+    n = len(z1)
+
+    def pair_loss(i, j):
+        den = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(2 * n) if k not in (i, j))
+        return -float(z[i] @ z[j]) / t + math.log(den)
+
+    return sum(pair_loss(k, k + n) + pair_loss(k + n, k) for k in range(n)) / (2 * n)
+
+
+def test_dcl_hand_checked_and_matches_reference():
+    # the hand-checked views above; the positive is out of each denominator now
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    a0 = -1.2 + math.log(2.0)  # others: a1 0, b1 0
+    a1 = -2.0 + math.log(1.0 + math.exp(1.6))  # a0 0, b0 0.8
+    b0 = -1.2 + math.log(2 * math.exp(1.6))  # a1 .8, b1 .8
+    b1 = -2.0 + math.log(1.0 + math.exp(1.6))  # a0 0, b0 .8
+    expected = (a0 + a1 + b0 + b1) / 4
+    assert expected == pytest.approx(0.0385, abs=1e-4)  # (-0.5069 - 0.2161 + 1.0931 - 0.2161) / 4
+    assert nt_xent(z1, z2, 0.5, decoupled=True).item() == pytest.approx(expected, abs=1e-6)
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    assert nt_xent(z1, z2, 0.3, decoupled=True).item() == pytest.approx(dcl_reference(z1, z2, 0.3), rel=1e-5)
+    # always below NT-Xent: removing a positive term from a log-sum-exp lowers it
+    assert nt_xent(z1, z2, 0.3, decoupled=True) < nt_xent(z1, z2, 0.3)
+
+
+def test_simclr_loss_option():
+    from contrastive_cli.encoders import SmallCNN
+    from contrastive_cli.errors import UserError
+    from contrastive_cli.methods.simclr import SimCLR
+
+    with pytest.raises(UserError, match="method.loss=dlc: choose from nt_xent, dcl"):
+        SimCLR(SmallCNN(1, 4), loss="dlc")
+    assert SimCLR(SmallCNN(1, 4), loss="dcl").decoupled

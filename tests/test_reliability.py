@@ -246,7 +246,7 @@ BAD_SWEEPS = [
     (["method=simclr,moco", "trainer.batch_size=256,260"], "trainer.batch_size=260: must be a multiple of method.bn_splits=8"),
     (["method=glob(*)", "trainer.batch_size=260"], "trainer.batch_size=260: must be a multiple"),
     (["method=glob(simclr2*)"], "method=glob(simclr2*): the sweep selects no value"),
-    (["trainer.seed=0,1", "dataset=digits,cifar10", "paths.data_dir=nowhere"], "dataset cifar10 not found"),
+    (["trainer.seed=0,1", "dataset=fashion_mnist,cifar10", "paths.data_dir=nowhere", "dataset.source.download=false"], "dataset cifar10 not found"),
     (["trainer.batch_size=128,4096"], "trainer.batch_size=4096: x 1 process(es) is larger than the training set"),
 ]
 

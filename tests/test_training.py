@@ -9,7 +9,8 @@ from conftest import compose_cfg
 from contrastive_cli import checkpoint
 from contrastive_cli.config import build
 from contrastive_cli.evaluate import extract_features, knn_top1
-from contrastive_cli.train import build_model, run_training, seed_everything
+from contrastive_cli.parts import build_model
+from contrastive_cli.train import run_training, seed_everything
 
 
 def knn_of(encoder, cfg, splits):

@@ -1,0 +1,1 @@
+# Hydra config package (shipped inside the wheel as contrastive_cli.configs).

@@ -1,0 +1,103 @@
+"""Experiment trackers next to metrics.csv: none (`logger=csv`), TensorBoard, Weights & Biases.
+
+Built with `hydra.utils.instantiate(cfg.logger, run_dir=..., run_config=...)` (not `config=`: that is
+the name of instantiate's own first parameter); the training loop calls `log(scalars, step)` and,
+once at the end (in a `finally`), `close()`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import UserError, check
+
+# Where each known scalar goes in the tracker's tree; unknown names land under train/.
+SECTIONS = {"loss": "train", "lr": "train", "emb_std": "monitor", "neg_cos": "monitor", "knn_top1": "monitor"}
+
+
+def tag(name: str) -> str:
+    """`loss` -> `train/loss`, `knn_top1` -> `monitor/knn_top1`; a name with a `/` is kept."""
+    return name if "/" in name else f"{SECTIONS.get(name, 'train')}/{name}"
+
+
+def tagged(scalars: dict[str, float | None]) -> dict[str, float]:
+    return {tag(k): float(v) for k, v in scalars.items() if v is not None}
+
+
+def require(package: str) -> Any:
+    """Import an optional backend, or fail with one line that says what to install."""
+    try:
+        return importlib.import_module(package)
+    except ModuleNotFoundError as e:
+        if e.name != package:  # installed, but one of *its* dependencies is missing: show that
+            raise
+        raise UserError(
+            f"logger={package}: needs the {package} package; pip install 'contrastive_cli[{package}]'"
+        ) from None
+
+
+class NoLogger:
+    """`logger=csv`: no external tracker; the loop's metrics.csv and PNG plots are the record."""
+
+    def __init__(self, run_dir: Path | str, run_config: dict | None = None):
+        self.run_dir = Path(run_dir)
+
+    def log(self, scalars: dict[str, float | None], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardLogger:
+    """Event files in `<run_dir>/tensorboard/`; view with `tensorboard --logdir outputs`."""
+
+    def __init__(self, run_dir: Path | str, run_config: dict | None = None):
+        require("tensorboard")  # torch's wrapper imports it lazily
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def log(self, scalars: dict[str, float | None], step: int) -> None:
+        for name, value in tagged(scalars).items():
+            self.writer.add_scalar(name, value, global_step=step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+class WandbLogger:
+    """A Weights & Biases run; its local files go to `<run_dir>/wandb/`."""
+
+    def __init__(
+        self,
+        run_dir: Path | str,
+        run_config: dict | None = None,
+        project: str = "contrastive_cli",
+        entity: str | None = None,
+        name: str | None = None,
+        mode: str | None = None,  # None: WANDB_MODE if set, else wandb's default (online)
+    ):
+        check(mode in (None, "online", "offline", "disabled"),
+              f"logger.mode={mode!r}: must be null, online, offline or disabled")
+        wandb = require("wandb")
+        if isinstance(run_config, DictConfig):  # instantiate() turns a dict keyword into a DictConfig
+            run_config = OmegaConf.to_container(run_config, resolve=True)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        # reinit=True: a `-m` sweep runs its jobs in one process; each job gets its own run.
+        try:
+            self.run = wandb.init(project=project, entity=entity, name=name, dir=str(run_dir),
+                                  mode=mode, config=run_config, reinit=True)
+        except wandb.errors.UsageError as e:  # no API key online, a bad entity, ...: one line
+            raise UserError(f"logger=wandb: {e}") from None
+
+    def log(self, scalars: dict[str, float | None], step: int) -> None:
+        self.run.log(tagged(scalars), step=step)
+
+    def close(self) -> None:
+        self.run.finish()

@@ -1,0 +1,27 @@
+"""What training and evaluation both build from a config: the device and the model. Kept apart
+from train.py so evaluate.py needs nothing from the training entry point."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from .config import build
+from .errors import check
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    check(dev.type != "cuda" or torch.cuda.is_available(), f"device={name}: CUDA is not available here (use auto or cpu)")
+    check(dev.type != "cuda" or dev.index is None or dev.index < torch.cuda.device_count(),
+          f"device={name}: this machine has {torch.cuda.device_count() if dev.type == 'cuda' else 0} CUDA device(s)")
+    return dev
+
+
+def build_model(cfg: DictConfig):
+    """Encoder and method from the config; shared by training, resume and evaluation."""
+    encoder = build(cfg.encoder, "encoder")
+    method = build(cfg.method, "method")(encoder=encoder)
+    return encoder, method

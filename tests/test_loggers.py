@@ -1,0 +1,112 @@
+"""Each `logger=` option builds from its YAML, records what it is given, and fails in one line when
+its package is missing."""
+
+import json
+import struct
+import sys
+from importlib import resources
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from contrastive_cli.errors import UserError
+from contrastive_cli.loggers import NoLogger, TensorBoardLogger, WandbLogger
+
+RUN_CONFIG = {"method": {"name": "simclr", "temperature": 0.5}, "trainer": {"epochs": 2}}
+# Two logging steps as the loop makes them: training scalars, then the monitors (None = not measured).
+STEPS = [({"loss": 2.0, "lr": 0.1, "emb_std": 0.9, "neg_cos": None}, 0),
+         ({"loss": 1.5, "lr": 0.05, "emb_std": 0.8, "knn_top1": 0.75}, 10)]
+
+
+def logger_cfg(name: str):
+    return OmegaConf.load(resources.files("contrastive_cli.configs").joinpath("logger", f"{name}.yaml"))
+
+
+def build(name: str, run_dir):
+    logger = instantiate(logger_cfg(name), run_dir=run_dir, run_config=RUN_CONFIG)
+    for scalars, step in STEPS:
+        logger.log(scalars, step)
+    logger.close()
+    return logger
+
+
+def test_the_group_has_the_documented_options():
+    names = sorted(p.name[:-5] for p in resources.files("contrastive_cli.configs").joinpath("logger").iterdir()
+                   if p.name.endswith(".yaml"))
+    assert names == ["csv", "tensorboard", "wandb"]
+
+
+def test_csv_is_no_external_logger_and_writes_nothing(tmp_path):
+    assert isinstance(build("csv", tmp_path), NoLogger)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tensorboard_event_file_holds_the_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="logger=tensorboard needs the tensorboard extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert isinstance(build("tensorboard", tmp_path), TensorBoardLogger)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["monitor/emb_std", "monitor/knn_top1", "train/loss", "train/lr"]
+    read = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert read["train/loss"] == [(0, 2.0), (10, 1.5)]
+    assert read["train/lr"] == [(0, pytest.approx(0.1)), (10, pytest.approx(0.05))]  # stored as float32
+    assert read["monitor/emb_std"] == [(0, pytest.approx(0.9)), (10, pytest.approx(0.8))]
+    assert read["monitor/knn_top1"] == [(10, 0.75)]
+
+
+def wandb_records(path):
+    """The records of an offline run's `.wandb` file: a LevelDB-style log (32 KiB blocks, a 7-byte
+    header per chunk) of protobuf `Record`s after a 7-byte `:W&B` file header. wandb >= 0.19 ships no
+    Python reader for it (`wandb sync --view` is gone), so this is the format read by hand."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, chunks = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunks, pos = chunks + data[pos + 7 : pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # FULL or LAST chunk: a record is complete
+            yield wandb_internal_pb2.Record.FromString(chunks)
+            chunks = b""
+
+
+def test_wandb_offline_run_file_holds_the_scalars_and_the_config(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="logger=wandb needs the wandb extra")
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))  # nothing lands in ~/.config or ~/.cache
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the YAML's mode: null defers to this
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    assert isinstance(build("wandb", tmp_path / "run"), WandbLogger)
+    (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = list(wandb_records(run_file))
+    rows = [{"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+            for r in records if r.HasField("history")]
+    rows = [{k: v for k, v in row.items() if not k.startswith("_") or k == "_step"} for row in rows]
+    assert rows == [{"_step": 0, "train/loss": 2.0, "train/lr": 0.1, "monitor/emb_std": 0.9},
+                    {"_step": 10, "train/loss": 1.5, "train/lr": 0.05, "monitor/emb_std": 0.8,
+                     "monitor/knn_top1": 0.75}]
+    (run,) = [r.run for r in records if r.HasField("run")]
+    config = {i.key: json.loads(i.value_json) for i in run.config.update}
+    assert {k: v for k, v in config.items() if not k.startswith("_")} == RUN_CONFIG
+
+
+@pytest.mark.parametrize("package, cls", [("tensorboard", TensorBoardLogger), ("wandb", WandbLogger)])
+def test_missing_package_is_a_one_line_user_error(tmp_path, monkeypatch, package, cls):
+    monkeypatch.setitem(sys.modules, package, None)  # makes `import <package>` fail as if absent
+    with pytest.raises(UserError) as err:
+        cls(run_dir=tmp_path, run_config=RUN_CONFIG)
+    assert str(err.value) == (f"logger={package}: needs the {package} package; "
+                              f"pip install 'contrastive_cli[{package}]'")
+
+
+def test_wandb_rejects_an_unknown_mode_before_importing_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(UserError, match=r"logger.mode='ofline': must be null, online, offline or disabled"):
+        WandbLogger(run_dir=tmp_path, run_config=RUN_CONFIG, mode="ofline")
