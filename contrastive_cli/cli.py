@@ -418,7 +418,7 @@ def eval_job(cfg: DictConfig) -> dict | None:
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        result = run_evaluation(cfg, out_dir)
+        result = run_evaluation(cfg, out_dir, _overrides())
     except UserError as e:
         _fail("cl-eval", str(e))
         return None

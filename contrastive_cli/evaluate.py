@@ -173,9 +173,10 @@ def loss_png(history: list[dict], trace: list[dict], path, title: str = "", moni
     plt.close(fig)
 
 
-def run_evaluation(cfg, out_dir) -> dict:
+def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
     """cl-eval: rebuild the encoder and data from the checkpoint's own config, then score it; with
-    `dataset=OTHER`, score it on another dataset of the same channels (transfer)."""
+    `dataset=OTHER`, score it on another dataset of the same channels (transfer). `overrides`: the
+    command line's, recorded in eval.json."""
     import json
     from pathlib import Path
 
@@ -229,7 +230,7 @@ def run_evaluation(cfg, out_dir) -> dict:
         "knn5_top1": knn_top1(*on_dev, n_cls, k=5, weighted=False),
         "linear_top1": linear_probe(tr_f, tr_y, te_f, te_y, e.linear_max_iter, e.seed, device, e.linear_backend),
         "overrides": run.get("overrides", []), "settings": run_settings(train_cfg, run.get("choices")),
-        "eval_overrides": _eval_overrides(),
+        "eval_overrides": list(overrides or []),
     }
     if e.tsne_samples > 1:
         n = min(e.tsne_samples, len(te_f))
@@ -243,10 +244,3 @@ def run_evaluation(cfg, out_dir) -> dict:
              result["n_test"], out / "eval.json")
     return result
 
-
-def _eval_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("hydra")]
