@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import torchvision
 from torch import Tensor, nn
 
@@ -55,4 +57,34 @@ def resnet(arch: str = "resnet18", in_channels: int = 3, image_size: int = 224, 
         model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     model.feature_dim = model.fc.in_features
     model.fc = nn.Identity()
+    return model
+
+
+def timm_model(name: str = "resnet18", in_channels: int = 3, image_size: int = 32, patch_size: int | None = None,
+               model_args: dict | None = None) -> nn.Module:
+    """Any timm model by name, randomly initialised, without its classifier (`num_classes=0`); the
+    feature size is the model's `num_features`. Models that take an image size (ViTs) get
+    `image_size`, and `patch_size` when set (a 32 px image needs patches of about 4 px)."""
+    try:
+        import timm
+    except ModuleNotFoundError as e:
+        if e.name != "timm":
+            raise
+        raise UserError("encoder=timm: needs the timm package; pip install 'contrastive_cli[timm]'") from None
+    positive("encoder.in_channels", in_channels, integer=True)
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise UserError(f"encoder.name={name}: not a timm model" + (f"; did you mean {', '.join(close)}?" if close
+                        else "; timm.list_models() lists them"))
+    kw = {"pretrained": False, "num_classes": 0, "in_chans": in_channels, **dict(model_args or {})}
+    if patch_size is not None:
+        kw["patch_size"] = positive("encoder.patch_size", patch_size, integer=True)
+    try:
+        model = timm.create_model(name, img_size=image_size, **kw)
+    except TypeError:  # convolutional models take no image size
+        try:
+            model = timm.create_model(name, **kw)
+        except (TypeError, ValueError, AssertionError) as e:
+            raise UserError(f"encoder.name={name}: {e}") from None
+    model.feature_dim = model.num_features
     return model

@@ -114,3 +114,87 @@ def mine_negatives(d_an: Tensor, d_ap: Tensor, valid: Tensor, strategy: str, mar
         farthest = d_an.masked_fill(~valid, -inf).argmax(1)
         return torch.where(outside.any(1), closest_outside, farthest)
     raise ValueError(f"mining={strategy}: choose from {', '.join(MINING)}")
+
+
+@fp32
+def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
+    """SimSiam's D(p, z) = -cos(p, stopgrad(z)), averaged over the batch (Chen & He 2021, eq. 1)."""
+    return -F.cosine_similarity(p, z.detach(), dim=1).mean()
+
+
+def _off_diagonal(m: Tensor) -> Tensor:
+    """The off-diagonal entries of a square matrix, as a flat vector."""
+    d = m.shape[0]
+    return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
+
+
+@fp32
+def barlow_twins(z1: Tensor, z2: Tensor, lambd: float = 5e-3, eps: float = 1e-5) -> Tensor:
+    """Barlow Twins (Zbontar et al. 2021, eq. 1): sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2, where C
+    is the D x D cross-correlation of the two views' embeddings, each standardized over the batch
+    (mean 0, biased std 1, as the paper's affine-free batch-norm does; eps as in BatchNorm1d)."""
+    n = z1.shape[0]
+    a = (z1 - z1.mean(0)) / (z1.var(0, unbiased=False) + eps).sqrt()
+    b = (z2 - z2.mean(0)) / (z2.var(0, unbiased=False) + eps).sqrt()
+    c = a.t() @ b / n
+    return (1 - c.diagonal()).pow(2).sum() + lambd * _off_diagonal(c).pow(2).sum()
+
+
+@fp32
+def vicreg(z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: float = 25.0, cov_weight: float = 1.0,
+           eps: float = 1e-4) -> Tensor:
+    """VICReg (Bardes et al. 2022, eqs. 1-6): invariance (mean squared distance between the views),
+    variance (hinge max(0, 1 - sqrt(Var + eps)) per dimension, averaged, for each view) and covariance
+    (sum of squared off-diagonal covariances / D, for each view), weighted 25 / 25 / 1."""
+    n, d = z1.shape
+    invariance = F.mse_loss(z1, z2)
+    variance = covariance = z1.new_zeros(())
+    for z in (z1, z2):
+        z = z - z.mean(0)
+        variance = variance + F.relu(1 - (z.var(0) + eps).sqrt()).mean() / 2
+        covariance = covariance + _off_diagonal(z.t() @ z / (n - 1)).pow(2).sum() / d
+    return sim_weight * invariance + var_weight * variance + cov_weight * covariance
+
+
+@fp32
+def batch_info_nce(q: Tensor, k: Tensor, temperature: float, offset: int = 0) -> Tensor:
+    """InfoNCE of each query against all keys of the batch (MoCo v3, Chen et al. 2021, Alg. 1):
+    the positive of query i is key offset + i (offset = rank x local batch when the keys are
+    gathered from every rank); scaled by 2T as in the paper. q, k are normalized here."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = q @ k.t() / temperature
+    target = torch.arange(len(q), device=q.device) + offset
+    return F.cross_entropy(logits, target) * (2 * temperature)
+
+
+@fp32
+def nearest_neighbour(z: Tensor, support: Tensor) -> Tensor:
+    """NNCLR's NN(z, Q): for each row of z, the most cosine-similar row of the support set Q
+    (rows of Q are normalized)."""
+    return support[(F.normalize(z, dim=1) @ support.t()).argmax(1)]
+
+
+@fp32
+def nnclr(nn_z: Tensor, p: Tensor, temperature: float, offset: int = 0) -> Tensor:
+    """NNCLR (Dwibedi et al. 2021, eq. 2): -log exp(NN(z_i) . p_i / T) / sum_k exp(NN(z_i) . p_k / T),
+    the nearest neighbours of one view against the predictions of the other (rows at offset + i are
+    the positives when p is gathered from every rank), cosine similarities."""
+    nn_z, p = F.normalize(nn_z, dim=1), F.normalize(p, dim=1)
+    logits = nn_z @ p.t() / temperature
+    return F.cross_entropy(logits, torch.arange(len(nn_z), device=nn_z.device) + offset)
+
+
+@fp32
+def supcon(z: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
+    """Supervised contrastive loss L_out (Khosla et al. 2020, eq. 2) over M views z (M x D) with
+    `labels` (M): for anchor i, the mean over its positives p (same label, p != i) of
+    -log exp(s_ip / T) / sum_{a != i} exp(s_ia / T), averaged over the anchors that have a positive."""
+    z = F.normalize(z, dim=1)
+    sim = z @ z.t() / temperature
+    itself = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    log_prob = sim - sim.masked_fill(itself, float("-inf")).logsumexp(1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~itself
+    count = positives.sum(1)
+    has = count > 0
+    per_anchor = -(log_prob.masked_fill(~positives, 0.0).sum(1)[has] / count[has])
+    return per_anchor.mean()

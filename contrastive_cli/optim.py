@@ -12,15 +12,33 @@ from .errors import UserError, positive
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Biases and norm parameters (ndim <= 1) get no weight decay and no LARS adaptation."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "lars": True},
-        {"params": no_decay, "weight_decay": 0.0, "lars": False},
-    ]
+    """Biases and norm parameters (ndim <= 1) get no weight decay and no LARS adaptation. Parameters
+    a method lists in `fixed_lr_parameters()` (SimSiam's predictor) get groups marked `fixed_lr`,
+    which the schedule leaves at the base lr."""
+    fixed = {id(p) for p in getattr(model, "fixed_lr_parameters", list)()}
+    groups = []
+    for is_fixed in (False, True):
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad and (id(p) in fixed) == is_fixed:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        if is_fixed and not fixed:
+            break
+        mark = {"fixed_lr": True} if is_fixed else {}
+        groups += [
+            {"params": decay, "weight_decay": weight_decay, "lars": True, **mark},
+            {"params": no_decay, "weight_decay": 0.0, "lars": False, **mark},
+        ]
+    return groups
+
+
+def lr_factors(optimizer: torch.optim.Optimizer, factor: Callable[[int], float]) -> list[Callable[[int], float]]:
+    """One multiplier per parameter group for LambdaLR: the schedule, or 1 for `fixed_lr` groups."""
+    return [_constant if g.get("fixed_lr") else factor for g in optimizer.param_groups]
+
+
+def _constant(step: int) -> float:
+    return 1.0
 
 
 def build_optimizer(partial: Callable, model: nn.Module, lr: float, weight_decay: float,

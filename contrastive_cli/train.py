@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -24,7 +25,7 @@ from .errors import Interrupted, UserError, check
 from .evaluate import extract_features, knn_top1, loss_png
 from .methods.base import Method
 from .momentum import SplitBatchNorm2d
-from .optim import build_optimizer, warmup_cosine
+from .optim import build_optimizer, lr_factors, warmup_cosine
 from .parts import build_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def runtime_check(cfg: DictConfig) -> None:
     key = OmegaConf.to_yaml(cfg.dataset, resolve=True)
     if key not in _checked_data:
         _checked_data[key] = build(cfg.dataset.source, "dataset")
-    check_data(cfg, t, _checked_data[key], t.devices, bool(cfg.method.get("supervised", False)))
+    needs_labels = cfg.method.get("supervised", getattr(get_class(cfg.method._target_), "supervised", False))
+    check_data(cfg, t, _checked_data[key], t.devices, bool(needs_labels))
 
 
 def resolve_precision(t: TrainerCfg, device: torch.device) -> Precision:
@@ -103,7 +105,7 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
         log.warning("schedule.warmup_epochs=%g is longer than the run (trainer.epochs=%d): the lr only reaches "
                     "%.0f%% of its peak; lower schedule.warmup_epochs", sched.warmup_epochs, t.epochs,
                     100 * factor(t.epochs * steps - 1))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(optimizer, factor))
     scaler = torch.amp.GradScaler(device.type, enabled=prec.dtype == torch.float16)
     state = TrainState(monitor=CollapseMonitor(t.collapse_ratio, t.collapse_patience, t.collapse_neg_cos))
     if resume is not None:
@@ -185,8 +187,10 @@ def check_data(cfg: DictConfig, t: TrainerCfg, splits, world: int, needs_labels:
               f"dataset.channels={cfg.dataset.channels}: the images have {train.images.shape[1]}")
     if needs_labels:  # checked up front: failing inside a DDP step would hang the other ranks
         labels = train.labels if isinstance(train.labels, torch.Tensor) else torch.tensor(train.labels)
-        check(bool((labels >= 0).all()), f"method.supervised=true: dataset {cfg.dataset.name}'s training split "
-                                          "has unlabeled images; use a labeled split or supervised=false")
+        who, fix = (("method.supervised=true", " or supervised=false") if "supervised" in cfg.method
+                    else (f"method {cfg.method._target_.rsplit('.', 1)[-1]}", ""))
+        check(bool((labels >= 0).all()), f"{who} needs labels, but dataset {cfg.dataset.name}'s training split has "
+                                         f"unlabeled images; use a labeled split{fix}")
     steps = num_batches(train, t.batch_size, world=world)
     check(steps > 0, f"trainer.batch_size={t.batch_size}: x {world} process(es) is larger than the training set "
                      f"({len(train)} images)")

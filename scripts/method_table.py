@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("simclr", "moco", "byol", "contrastive_margin", "triplet")
+METHODS = ("simclr", "moco", "byol", "contrastive_margin", "triplet", "dcl", "moco_v3", "simsiam", "barlow_twins", "vicreg",
+           "nnclr", "supcon")
 
 
 def run(cmd: list[str], cwd: Path) -> float:

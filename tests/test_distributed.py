@@ -95,3 +95,59 @@ def test_two_process_run_writes_one_checkpoint(tmp_path):
     assert sorted(p.name for p in (runs[0] / "checkpoints").iterdir()) == ["epoch_0001.pt", "last.pt"]
     rows = (runs[0] / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("1,10,")  # one epoch of 1347 // 128 global steps, written once
+
+
+# Barlow Twins, VICReg and SupCon: their losses are not means over samples (a correlation, a variance,
+# a covariance, a softmax over all views), so per-rank losses would be wrong; each must see the global batch.
+def make_global_batch_methods():
+    from contrastive_cli.methods.barlow_twins import BarlowTwins
+    from contrastive_cli.methods.supcon import SupCon
+    from contrastive_cli.methods.vicreg import VICReg
+
+    made = {}
+    for name, cls in (("barlow_twins", BarlowTwins), ("vicreg", VICReg), ("supcon", SupCon)):
+        torch.manual_seed(0)
+        model = cls(Flat(), proj_hidden_dim=8, proj_dim=4)
+        model.projector = nn.Linear(5, 4)  # BN-free head: per-rank BN statistics would differ from the 2B batch's
+        made[name] = model
+    return made
+
+
+LABELS = torch.tensor([0, 1, 2, 0, 1, 1, 2, 0])  # 2B labels; a class spans both ranks
+
+
+def global_batch_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        x1, x2 = data()
+        mine = slice(rank * B, (rank + 1) * B)
+        result = {}
+        for name, method in make_global_batch_methods().items():
+            model = nn.parallel.DistributedDataParallel(method)
+            loss = model(x1[mine], x2[mine], LABELS[mine]).loss
+            loss.backward()
+            result[name] = {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in method.named_parameters()}}
+        torch.save(result, f"{out}/rank{rank}.pt")
+    finally:
+        cleanup()
+
+
+def test_barlow_twins_vicreg_supcon_two_processes_equal_one_process(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=global_batch_worker, args=(r, 2, f"file://{tmp_path}/rendezvous", str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    x1, x2 = data()
+    for name, single in make_global_batch_methods().items():
+        loss = single.training_step(x1, x2, LABELS).loss
+        loss.backward()
+        for r in ranks:
+            assert torch.allclose(r[name]["loss"], loss.detach(), atol=1e-5), name
+            for pname, p in single.named_parameters():
+                assert p.grad.abs().sum() > 0, (name, pname)
+                assert torch.allclose(r[name]["grads"][pname], p.grad, atol=1e-5, rtol=1e-4), (name, pname)

@@ -4,6 +4,7 @@ its package is missing."""
 import json
 import struct
 import sys
+import time
 from importlib import resources
 
 import pytest
@@ -60,7 +61,8 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path):
 def wandb_records(path):
     """The records of an offline run's `.wandb` file: a LevelDB-style log (32 KiB blocks, a 7-byte
     header per chunk) of protobuf `Record`s after a 7-byte `:W&B` file header. wandb >= 0.19 ships no
-    Python reader for it (`wandb sync --view` is gone), so this is the format read by hand."""
+    Python reader for it (`wandb sync --view` is gone), so this is the format read by hand. A chunk
+    still being written (its length runs past the end of the file) ends the list."""
     from wandb.proto import wandb_internal_pb2
 
     data, pos, chunks = path.read_bytes(), 7, b""
@@ -70,10 +72,26 @@ def wandb_records(path):
             pos += 32768 - pos % 32768
             continue
         _crc, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + n > len(data):
+            return
         chunks, pos = chunks + data[pos + 7 : pos + 7 + n], pos + 7 + n
         if kind in (1, 4):  # FULL or LAST chunk: a record is complete
             yield wandb_internal_pb2.Record.FromString(chunks)
             chunks = b""
+
+
+def finished_run_records(run_dir, timeout: float = 60.0) -> list:
+    """The records of the run's file once its `exit` record is there. `run.finish()` can return
+    before wandb's service process has written the run file to the end: under a loaded CI machine
+    the file once held none of the history records yet when read right after finish()."""
+    deadline = time.monotonic() + timeout
+    while True:
+        files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(files) <= 1, files
+        records = list(wandb_records(files[0])) if files else []
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def test_wandb_offline_run_file_holds_the_scalars_and_the_config(tmp_path, monkeypatch):
@@ -84,8 +102,8 @@ def test_wandb_offline_run_file_holds_the_scalars_and_the_config(tmp_path, monke
     monkeypatch.setenv("WANDB_SILENT", "true")
 
     assert isinstance(build("wandb", tmp_path / "run"), WandbLogger)
-    (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
-    records = list(wandb_records(run_file))
+    records = finished_run_records(tmp_path / "run")
+    assert any(r.HasField("exit") for r in records), [r.WhichOneof("record_type") for r in records]
     rows = [{"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
             for r in records if r.HasField("history")]
     rows = [{k: v for k, v in row.items() if not k.startswith("_") or k == "_step"} for row in rows]
