@@ -195,7 +195,7 @@ def _precheck(config_name: str, argv: list[str], validate, runtime_check=None) -
     from hydra import compose, initialize_config_module
     from omegaconf.errors import MissingMandatoryValue
 
-    prog = "cl-train" if config_name == "train" else "cl-eval"
+    prog = f"cl-{config_name}"
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = None
         try:
@@ -434,6 +434,43 @@ def eval_job(cfg: DictConfig) -> dict | None:
     return result
 
 
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="embed")
+def embed_job(cfg: DictConfig) -> dict | None:
+    from .embed import run_embed
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = run_embed(cfg, out_dir)
+    except UserError as e:
+        _fail("cl-embed", str(e))
+        return None
+    except OSError as e:
+        _fail("cl-embed", f"{e.filename or out_dir}: {e.strerror or e}")
+        return None
+    print(f"{result['n']} images x {result['feature_dim']} features"
+          + (f" ({len(result['skipped'])} unreadable skipped)" if result["skipped"] else ""))
+    print(f"wrote {out_dir / 'embeddings.npy'}, {out_dir / 'index.csv'}"
+          + (f", {result['neighbours']['png']}" if "neighbours" in result else ""))
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="export")
+def export_job(cfg: DictConfig) -> dict | None:
+    from .export import run_export
+
+    try:
+        meta = run_export(cfg)
+    except UserError as e:
+        _fail("cl-export", str(e))
+        return None
+    except OSError as e:
+        _fail("cl-export", f"{e.filename or cfg.out}: {e.strerror or e}")
+        return None
+    print(f"wrote {meta['file']} ({meta['format']}, {meta['channels']} x {meta['input_size']} x {meta['input_size']} "
+          f"-> {meta['feature_dim']} features; checked: max difference {meta['max_abs_diff']:.1e}) and {meta['file']}.json")
+    return meta
+
+
 def _main(prog: str, config_name: str, job, validate, runtime_check=None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     if os.getcwd() not in sys.path:  # a user's own `_target_: my_methods.Mine` imports as under `python -m`
@@ -442,7 +479,7 @@ def _main(prog: str, config_name: str, job, validate, runtime_check=None) -> Non
         if config_name == "train" and "hydra/sweeper=optuna" in sys.argv and not any(
                 a.startswith("hydra.sweeper.direction=") for a in sys.argv):
             sys.argv.append("hydra.sweeper.direction=maximize")  # the job returns the k-NN: higher is better
-        if _precheck(config_name, sys.argv[1:], validate, runtime_check):
+        if _precheck(config_name, sys.argv[1:], validate, runtime_check) and config_name != "export":
             try:
                 sys.argv += _run_dir_overrides(config_name, sys.argv[1:])
             except UserError as e:
@@ -477,6 +514,23 @@ def evaluate() -> None:
     from .config import validate_eval_job
 
     _main("cl-eval", "eval", eval_job, validate_eval_job)
+
+
+def embed() -> None:
+    """`cl-embed checkpoint=<path> input=<folder | dataset>`: features, index and neighbours."""
+    from .config import validate_embed_job
+
+    _main("cl-embed", "embed", embed_job, validate_embed_job)
+
+
+def export() -> None:
+    """`cl-export checkpoint=<path> format=state_dict|torchscript|onnx [out=FILE]`: the encoder alone."""
+    from .config import validate_export_job
+
+    if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+        _fail("cl-export", "-m: one export per command (run cl-export once per checkpoint and format)")
+        sys.exit(1)
+    _main("cl-export", "export", export_job, validate_export_job)
 
 
 if __name__ == "__main__":

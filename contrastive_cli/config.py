@@ -211,6 +211,36 @@ def _dry_build(cfg: DictConfig, batch_size: int) -> None:
     build(cfg.augmentation, "augmentation")
 
 
+EMBED_KEYS = ("checkpoint", "input", "batch_size", "normalize", "neighbours", "queries", "num_queries", "seed",
+              "device", "workers", "paths")
+EXPORT_KEYS = ("checkpoint", "format", "out")
+
+
+def validate_embed_job(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    finite_and_present(cfg)
+    unknown_top_keys(cfg, EMBED_KEYS)
+    check(isinstance(cfg.checkpoint, str) and cfg.checkpoint != "",
+          f"checkpoint={cfg.checkpoint}: give the path of a checkpoint file")
+    for key in ("batch_size", "num_queries"):
+        positive(key, cfg[key], integer=True)
+    for key in ("neighbours", "workers"):
+        positive(key, cfg[key], integer=True, strict=False)
+    check(isinstance(cfg.normalize, bool), f"normalize={cfg.normalize}: true or false")
+    check(OmegaConf.is_list(cfg.queries), f"queries={cfg.queries}: a list of image paths, e.g. 'queries=[a.png,b.png]'")
+    return cfg
+
+
+def validate_export_job(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    from .export import FORMATS
+
+    finite_and_present(cfg)
+    unknown_top_keys(cfg, EXPORT_KEYS)
+    check(isinstance(cfg.checkpoint, str) and cfg.checkpoint != "",
+          f"checkpoint={cfg.checkpoint}: give the path of a checkpoint file")
+    check(cfg.format in FORMATS, f"format={cfg.format}: choose from {', '.join(FORMATS)}")
+    return cfg
+
+
 def validate_eval_job(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     validate_eval(cfg)
     return cfg

@@ -1,7 +1,8 @@
 """Datasets as uint8 image tensors (N, C, H, W) plus labels, and the batch iterator the loop uses.
 
 Small datasets are held in memory once; augmentation happens later, on the device, in batch.
-`imagefolder` stays lazy and goes through DataLoader workers.
+An `imagefolder` is decoded once and held the same way when it fits in `cache_gb`, else it stays lazy
+and goes through DataLoader workers.
 """
 
 from __future__ import annotations
@@ -46,54 +47,131 @@ class TensorImages(Dataset):
 class FolderImages(Dataset):
     """Lazy images from files, decoded and resized to a fixed square size in the worker."""
 
-    def __init__(self, paths: list[str], labels: list[int], classes: list[str], size: int):
+    def __init__(self, paths: list[str], labels: list[int], classes: list[str], size: int, channels: int = 3):
         self.paths, self.labels, self.classes, self.size = paths, torch.tensor(labels), classes, size
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return decode_image(self.paths[i], self.size), int(self.labels[i])
+        return decode_image(self.paths[i], self.size, self.channels), int(self.labels[i])
 
 
-def decode_image(path: str, size: int) -> torch.Tensor:
-    """uint8 RGB (3, size, size) from any file Pillow reads (grey, palette, RGBA converted)."""
+def decode_image(path: str, size: int, channels: int = 3) -> torch.Tensor:
+    """uint8 (channels, size, size) from any file Pillow reads: grey, palette, RGBA, ... converted to
+    grey (1 channel) or RGB (3), resized bilinearly to a square."""
     from PIL import Image
 
     with Image.open(path) as img:
-        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+        return pil_to_uint8(img, size, channels)
 
 
-class _Readable(Dataset):
-    """Item i: whether file i decodes (a truncated or foreign file raises inside Pillow)."""
+def pil_to_uint8(img, size: int, channels: int) -> torch.Tensor:
+    """A PIL image as uint8 (channels, size, size): the one conversion training, cl-embed and
+    `load_encoder`'s preprocess share, so their inputs are the same bytes."""
+    from PIL import Image
 
-    def __init__(self, paths: list[str], size: int):
-        self.paths, self.size = paths, size
+    if channels not in (1, 3):
+        raise UserError(f"channels={channels}: images convert to 1 (grey) or 3 (RGB) channels")
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    arr = np.asarray(img).copy()
+    return torch.from_numpy(arr).unsqueeze(0) if channels == 1 else torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class DecodedOrNot(Dataset):
+    """Item i: (uint8 image, True), or (None, False) when file i does not decode (a truncated or
+    foreign file raises inside Pillow)."""
+
+    def __init__(self, paths: list[str], size: int, channels: int = 3):
+        self.paths, self.size, self.channels = paths, size, channels
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> bool:
+    def __getitem__(self, i: int):
         try:
-            decode_image(self.paths[i], self.size)
+            return decode_image(self.paths[i], self.size, self.channels), True
         except Exception:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError ...
-            return False
-        return True
+            return None, False
 
 
-def readable_images(paths: list[str], size: int, workers: int = 2) -> list[bool]:
-    """Decode every file once (in worker processes), so a bad file is found before training, not in
-    the middle of an epoch; unreadable ones are listed in one warning."""
-    from tqdm.auto import tqdm
-
-    loader = DataLoader(_Readable(paths, size), batch_size=None, num_workers=workers if len(paths) > 256 else 0)
-    ok = [bool(r) for r in tqdm(loader, total=len(paths), desc="checking images", leave=False, delay=1.0)]
-    bad = [p for p, good in zip(paths, ok, strict=True) if not good]
+def warn_unreadable(bad: list[str]) -> None:
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         logging.getLogger(__name__).warning("skipped %d unreadable image file(s): %s", len(bad), shown)
-    return ok
+
+
+def _decoded_batch(items):
+    ok = torch.tensor([good for _, good in items], dtype=torch.bool)
+    images = [img for img, good in items if good]
+    return (torch.stack(images) if images else None), ok
+
+
+def decode_batches(paths: list[str], size: int, channels: int, batch_size: int = 64, workers: int = 2):
+    """(uint8 images of the readable files, readable mask) per batch of `paths`, decoded in worker
+    processes. Batches, not single images: every tensor a worker returns holds a file descriptor
+    until it is freed, and a folder of thousands of images would run out of them."""
+    return DataLoader(DecodedOrNot(paths, size, channels), batch_size=batch_size, collate_fn=_decoded_batch,
+                      num_workers=workers if len(paths) > batch_size else 0)
+
+
+def decode_all(paths: list[str], size: int, channels: int = 3, workers: int = 2, keep: bool = True,
+               desc: str = "decoding images") -> tuple[list[bool], torch.Tensor | None]:
+    """Decode every file once, so a bad file is found before training, not in the middle of an
+    epoch; unreadable ones are listed in one warning. With `keep`, the readable images come back as
+    one uint8 tensor (N_ok, C, size, size), filled in place (no second copy)."""
+    from tqdm.auto import tqdm
+
+    images = torch.empty(len(paths), channels, size, size, dtype=torch.uint8) if keep else None
+    ok, n = [], 0
+    batches = decode_batches(paths, size, channels, workers=workers)
+    for x, good in tqdm(batches, total=len(batches), desc=desc, leave=False, delay=1.0):
+        ok += good.tolist()
+        if keep and x is not None:
+            images[n : n + len(x)] = x
+            n += len(x)
+    warn_unreadable([p for p, good in zip(paths, ok, strict=True) if not good])
+    return ok, (images[:n] if keep and n else None)
+
+
+def image_files(root: str) -> list[str]:
+    """Every file under root (recursively, sorted, hidden ones skipped; linked folders followed once)
+    whose extension is one Pillow can open."""
+    from PIL import Image
+
+    Image.init()
+    known = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree: walk it once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(folder, f) for f in sorted(files)
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in known]
+    return found
+
+
+def folder_labels(root: str, paths: list[str]) -> tuple[list[int | None], list[str]]:
+    """Class labels from first-level sub-folders when there are at least two of them
+    (root/<class>/.../<image>), as torchvision's ImageFolder reads them; files lying directly in
+    root then get None (not part of any class). With fewer than two class folders (a flat folder,
+    or a single class) there are no labels: -1 each."""
+    top = [os.path.relpath(p, root).split(os.sep) for p in paths]
+    classes = sorted({parts[0] for parts in top if len(parts) > 1})
+    if len(classes) < 2:
+        return [-1] * len(paths), []
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[parts[0]] if len(parts) > 1 else None for parts in top], classes
+
+
+def has_class_folders(root: str) -> bool:
+    return bool(folder_labels(root, image_files(root))[1])
 
 
 @dataclass
@@ -101,12 +179,16 @@ class Splits:
     """`train` is what pretraining sees (may be unlabeled); k-NN / probe fit on `eval_train`."""
 
     train: Dataset
-    test: Dataset
+    test: Dataset | None  # None: no labels to evaluate with (a flat or single-class image folder)
     eval_train: Dataset | None = None
 
     def __post_init__(self) -> None:
         if self.eval_train is None:
             self.eval_train = self.train
+
+    @property
+    def labeled(self) -> bool:
+        return self.test is not None
 
 
 class _AugmentedBatches(Dataset):
@@ -470,28 +552,46 @@ def load_stl10(root: str, download: bool = False, train_split: str = "unlabeled"
     return Splits(train, test, eval_train=labeled)
 
 
-def load_imagefolder(root: str, image_size: int = 64, test_fraction: float = 0.2, seed: int = 0) -> Splits:
-    """A folder of class sub-folders; a seeded stratified split gives the evaluation's test set."""
-    from torchvision.datasets import ImageFolder
-
+def load_imagefolder(root: str, image_size: int = 64, test_fraction: float = 0.2, seed: int = 0,
+                     channels: int = 3, cache_gb: float = 2.0) -> Splits:
+    """Every image under root, recursively. With class sub-folders (root/<class>/<image>, two or more)
+    a seeded stratified split gives the evaluation's test set; a flat folder or a single class trains
+    without labels (no test set). Decoded once at image_size; when they fit in `cache_gb` the images
+    stay in memory as uint8 (the on-device pipeline then serves them), else workers decode per batch."""
     if not os.path.isdir(root):
-        raise UserError(f"dataset.source.root={root}: not a folder (expected root/<class>/<image files>)")
-    try:
-        index = ImageFolder(root)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f"dataset.source.root={root}: {str(e).splitlines()[0]}") from None
-    ok = readable_images([p for p, _ in index.samples], image_size)
-    samples = [s for s, good in zip(index.samples, ok, strict=True) if good]
-    if not samples:
+        raise UserError(f"dataset.source.root={root}: not a folder of images")
+    paths = image_files(root)
+    if not paths:
+        raise UserError(f"dataset.source.root={root}: has no image files (any format Pillow reads, in it or below)")
+    fits = len(paths) * channels * image_size**2 <= cache_gb * 2**30
+    ok, images = decode_all(paths, image_size, channels, keep=fits)
+    if not any(ok):
         raise UserError(f"dataset.source.root={root}: none of its {len(ok)} image files could be read")
-    labels = np.array([y for _, y in samples])
+    paths = [p for p, good in zip(paths, ok, strict=True) if good]
+    labels_all, classes = folder_labels(root, paths)
+    loose = [p for p, y in zip(paths, labels_all, strict=True) if y is None]
+    if loose:
+        logging.getLogger(__name__).warning(
+            "ignored %d image file(s) directly in %s: with class sub-folders, only their images are used (%s)",
+            len(loose), root, ", ".join(os.path.basename(p) for p in loose[:3]) + (" ..." if len(loose) > 3 else ""))
+    keep = np.array([i for i, y in enumerate(labels_all) if y is not None], dtype=np.int64)
+    labels = np.array([y for y in labels_all if y is not None], dtype=np.int64)
+    paths = [paths[i] for i in keep]
+    if images is not None and len(keep) < len(images):
+        images = images[torch.from_numpy(keep)]
+
+    def subset(ix: np.ndarray) -> Dataset:
+        if images is not None:
+            whole = len(ix) == len(images)  # the unlabeled case: every image, no copy
+            return TensorImages(images if whole else images[torch.from_numpy(ix)], torch.from_numpy(labels[ix]),
+                                classes)
+        return FolderImages([paths[i] for i in ix], labels[ix].tolist(), classes, image_size, channels)
+
+    if not classes:
+        return Splits(subset(np.arange(len(paths))), None)
     counts = np.bincount(labels)
     if len(counts) < 2 or counts.min() < 2:
-        raise UserError(f"dataset.source.root={root}: need at least 2 classes with 2 readable images each")
+        raise UserError(f"dataset.source.root={root}: need 2 readable images in each class folder (or a flat "
+                        "folder, for training without labels)")
     tr, te = _stratified_split(labels, test_fraction, seed)
-    paths = [p for p, _ in samples]
-
-    def subset(ix: np.ndarray) -> FolderImages:
-        return FolderImages([paths[i] for i in ix], labels[ix].tolist(), list(index.classes), image_size)
-
     return Splits(subset(tr), subset(te))

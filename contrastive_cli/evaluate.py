@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -184,7 +185,8 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
 
     from . import checkpoint
     from .config import build, move_data, run_settings, validate_eval
-    from .parts import build_model, resolve_device
+    from .data import has_class_folders
+    from .parts import build_model, resolve_device, unlabeled_message
 
     e, paths = validate_eval(cfg)
     ckpt = checkpoint.load(cfg.checkpoint)
@@ -203,6 +205,9 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
     method_name = train_cfg.method._target_.rsplit(".", 1)[-1]
     log.info("evaluating %s (epoch %d, step %d): %s trained on %s, evaluated on %s", cfg.checkpoint, ckpt["epoch"],
              ckpt["step"], method_name, ds.name, target.name)
+    if target.name == "imagefolder" and os.path.isdir(str(target.source.root)) and not has_class_folders(
+            str(target.source.root)):  # said before decoding a whole folder
+        raise UserError(unlabeled_message(target, "cl-eval has nothing to score against"))
     device = resolve_device(e.device)
     encoder, _ = build_model(train_cfg)
     encoder.load_state_dict(ckpt["encoder"])
@@ -214,6 +219,8 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
             raise
         where = "paths.image_root=<its folder now>" if ds.name == "imagefolder" else "paths.data_dir=<where it is now>"
         raise UserError(f"{err} (if the data has moved since training, give {where})") from None
+    if not splits.labeled:
+        raise UserError(unlabeled_message(target, "cl-eval has nothing to score against"))
     tr_f, tr_y = extract_features(encoder, splits.eval_train, target.mean, target.std, device, e.batch_size,
                                   "train features")
     te_f, te_y = extract_features(encoder, splits.test, target.mean, target.std, device, e.batch_size, "test features")

@@ -25,3 +25,11 @@ def build_model(cfg: DictConfig):
     encoder = build(cfg.encoder, "encoder")
     method = build(cfg.method, "method")(encoder=encoder)
     return encoder, method
+
+
+def unlabeled_message(ds, what: str) -> str:
+    """One line for a dataset without labels: what cannot be done, and cl-embed instead."""
+    root = ds.source.get("root", "<folder>")
+    return (f"dataset {ds.name} at {root} has no labels (a flat folder or a single class): {what}; k-NN and the "
+            f"linear probe need class sub-folders (root/<class>/<image>); for embeddings and nearest neighbours "
+            f"use cl-embed checkpoint=<run>/checkpoints/last.pt input={root}")

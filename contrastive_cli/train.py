@@ -26,7 +26,7 @@ from .evaluate import extract_features, knn_top1, loss_png
 from .methods.base import Method
 from .momentum import SplitBatchNorm2d
 from .optim import build_optimizer, lr_factors, warmup_cosine
-from .parts import build_model, resolve_device
+from .parts import build_model, resolve_device, unlabeled_message
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,10 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
                  steps, global_batch, world, device, prec.dtype or "fp32", run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     progress = t.progress if t.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
-    score = knn_score(method.encoder, splits, cfg.dataset, device, progress == "bar") if t.knn_every else None
+    if not splits.labeled and (t.knn_every or t.knn_monitor) and rank == 0:
+        (log.warning if t.knn_every else log.info)(unlabeled_message(cfg.dataset, "the k-NN monitor is off"))
+    score = (knn_score(method.encoder, splits, cfg.dataset, device, progress == "bar")
+             if t.knn_every and splits.labeled else None)
     run = resume.get("run") if resume is not None else None
     run = run or {"overrides": list(overrides or []), "choices": _choices()}
     logger = None
@@ -234,7 +237,7 @@ def _summarize(cfg, t: TrainerCfg, method: Method, splits, state: TrainState, ru
     final = state.history[-1].get("knn_top1") if state.history else None
     if final is not None:
         summary["knn_top1"] = round(final, 4)
-    elif t.knn_monitor:
+    elif t.knn_monitor and splits.labeled:
         summary["knn_top1"] = round(knn_score(method.encoder, splits, cfg.dataset, device, bars)(), 4)
         log.info("k-NN top-1 (k=200, T=0.1) on the test split: %.4f", summary["knn_top1"])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -319,7 +319,7 @@ def write_imagefolder(root: Path) -> None:
 
 def test_imagefolder_split_items_and_batches(tmp_path):
     write_imagefolder(tmp_path)
-    s = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0)
+    s = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0)  # lazy
     assert isinstance(s.train, FolderImages) and isinstance(s.test, FolderImages)
     assert len(s.train) == 6 and len(s.test) == 6
     assert s.train.classes == ["cat", "dog", "fox"]
@@ -352,10 +352,10 @@ def test_imagefolder_split_items_and_batches(tmp_path):
 
 def test_imagefolder_split_depends_only_on_seed(tmp_path):
     write_imagefolder(tmp_path)
-    a = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0)
-    b = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0)
+    a = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0)
+    b = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0)
     assert a.train.paths == b.train.paths and a.test.paths == b.test.paths
-    others = [load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=k).test.paths
+    others = [load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=k, cache_gb=0).test.paths
               for k in range(1, 6)]
     assert any(p != a.test.paths for p in others)
 
@@ -365,18 +365,57 @@ def test_imagefolder_bad_roots(tmp_path):
     with pytest.raises(UserError, match="not a folder") as e:
         load_imagefolder(str(missing))
     assert str(missing) in str(e.value)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="dataset.source.root"):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no image here")
+    with pytest.raises(UserError) as e:
         load_imagefolder(str(tmp_path / "empty"))
-    one = tmp_path / "one"
-    (one / "only").mkdir(parents=True)
-    for i in range(3):
-        Image.new("RGB", (8, 8)).save(one / "only" / f"{i}.png")
-    with pytest.raises(UserError, match="at least 2 classes"):
-        load_imagefolder(str(one))
+    assert str(e.value) == (f"dataset.source.root={tmp_path / 'empty'}: has no image files (any format Pillow "
+                            "reads, in it or below)")
+    lopsided = tmp_path / "lopsided"
+    for c, n in (("a", 3), ("b", 1)):
+        (lopsided / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(lopsided / c / f"{i}.png")
+    with pytest.raises(UserError, match="need 2 readable images in each class folder"):
+        load_imagefolder(str(lopsided))
     write_imagefolder(tmp_path / "ok")
     with pytest.raises(UserError, match="test_fraction"):
         load_imagefolder(str(tmp_path / "ok"), test_fraction=1.0)
+
+
+def test_imagefolder_is_cached_as_uint8_when_it_fits_with_the_same_pixels(tmp_path):
+    write_imagefolder(tmp_path)
+    lazy = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0)
+    cached = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0)
+    assert isinstance(cached.train, TensorImages) and cached.train.images.shape == (6, 3, 16, 16)
+    assert cached.train.classes == ["cat", "dog", "fox"]
+    for a, b in ((lazy.train, cached.train), (lazy.test, cached.test)):
+        assert torch.equal(torch.stack([a[i][0] for i in range(len(a))]), b.images)
+        assert torch.equal(a.labels, b.labels)
+
+
+def test_imagefolder_ignores_loose_files_next_to_class_folders(tmp_path, caplog):
+    write_imagefolder(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "cover.png")
+    with caplog.at_level("WARNING"):
+        s = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0)
+    assert s.train.classes == ["cat", "dog", "fox"] and len(s.train) + len(s.test) == 12
+    assert "ignored 1 image file(s) directly in" in caplog.text and "cover.png" in caplog.text
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested", "one_class"])
+def test_imagefolder_without_class_folders_trains_unlabeled(tmp_path, layout):
+    rng = np.random.default_rng(0)
+    where = {"flat": ["", "", "", ""], "nested": ["", "x", "x/y", "z"], "one_class": ["only"] * 4}[layout]
+    for i, sub in enumerate(where):
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        mode, shape = [("RGB", (9, 7, 3)), ("L", (5, 5)), ("RGBA", (8, 8, 4)), ("RGB", (30, 20, 3))][i]
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(tmp_path / sub / f"{i}.png")
+    Image.new("P", (6, 6)).save(tmp_path / where[0] / "palette.gif")  # a palette image, next to the others
+    (tmp_path / "readme.txt").write_text("not an image")  # ignored: not an image extension
+    s = load_imagefolder(str(tmp_path), image_size=8, channels=1)
+    assert not s.labeled and s.test is None
+    assert s.train.images.shape == (5, 1, 8, 8) and s.train.labels.tolist() == [-1] * 5
 
 
 # ------------------------------------------------------------------------------------------- digits

@@ -1,0 +1,100 @@
+"""Python access to a trained encoder, for notebooks and downstream code:
+
+    from contrastive_cli import load_encoder
+    encoder, preprocess = load_encoder("outputs/train/<date>/<time>/checkpoints/last.pt")
+    features = encoder(preprocess([Image.open("cat.jpg"), Image.open("dog.png")]))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from .augment import normalize
+from .errors import UserError
+
+
+class Preprocess:
+    """uint8 images or PIL images -> the normalized float batch (N, C, S, S) the encoder was trained
+    on: converted to its channels (grey, RGB, RGBA and palette images alike), resized to its square
+    size as training resized an image folder (Pillow, bilinear), scaled by 1/255 and normalized with
+    the training dataset's mean and std. Layouts: PIL images (one or a list); numpy arrays as numpy
+    and Pillow hold them, H x W, H x W x C or N x H x W x C; torch tensors as torch does, H x W, C x H x W
+    or N x C x H x W."""
+
+    def __init__(self, size: int, channels: int, mean: list[float], std: list[float], device="cpu"):
+        self.size, self.channels, self.mean, self.std = size, channels, list(mean), list(std)
+        self.device = torch.device(device)
+
+    def __repr__(self) -> str:
+        return f"Preprocess(size={self.size}, channels={self.channels}, mean={self.mean}, std={self.std})"
+
+    def to_uint8(self, images) -> Tensor:
+        """The batch as uint8 (N, C, S, S), before scaling and normalization."""
+        from PIL import Image
+
+        from .data import pil_to_uint8
+
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, np.ndarray):  # numpy's (and Pillow's) layout: H x W [x C], or N x H x W x C
+            arr = images
+            if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+                arr = arr.transpose(2, 0, 1)
+            elif arr.ndim == 4:
+                arr = arr.transpose(0, 3, 1, 2)
+            images = torch.from_numpy(np.ascontiguousarray(arr))
+        if isinstance(images, Tensor):
+            if images.dtype != torch.uint8:
+                raise UserError(f"preprocess: images must be uint8 (0..255) or PIL images, not {images.dtype}")
+            if images.ndim == 2:  # one grey H x W image
+                images = images[None, None]
+            elif images.ndim == 3:  # one C x H x W image
+                images = images[None]
+            if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
+                raise UserError(f"preprocess: expected uint8 images (N, C, H, W) with C in 1, 3, 4; got shape "
+                                f"{tuple(images.shape)}")
+            if images.shape[1:] == (self.channels, self.size, self.size):
+                return images.contiguous()
+            images = [Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy() if img.shape[0] == 1
+                                      else img.permute(1, 2, 0).numpy()) for img in images]
+        images = list(images)
+        if not images:
+            raise UserError("preprocess: no images given")
+        out = []
+        for img in images:
+            if isinstance(img, (Tensor, np.ndarray)):
+                out.append(self.to_uint8(img)[0])
+            elif isinstance(img, Image.Image):
+                out.append(pil_to_uint8(img, self.size, self.channels))
+            else:
+                raise UserError(f"preprocess: cannot read a {type(img).__name__}; give PIL images or uint8 arrays")
+        return torch.stack(out)
+
+    def __call__(self, images) -> Tensor:
+        return normalize(self.to_uint8(images).to(self.device), self.mean, self.std)
+
+
+def encoder_from_checkpoint(ckpt: dict) -> tuple[nn.Module, OmegaConf]:
+    """The checkpoint's encoder (weights loaded, eval mode, CPU) and its training config."""
+    from .config import build
+
+    cfg = OmegaConf.create(ckpt["config"])
+    encoder = build(cfg.encoder, "encoder")
+    encoder.load_state_dict(ckpt["encoder"])
+    return encoder.eval(), cfg
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Preprocess]:
+    """The encoder of a cl-train checkpoint (`nn.Module` in eval mode on `device`; features before
+    any projector, as cl-eval uses them) and the preprocess function for its inputs."""
+    from . import checkpoint
+
+    encoder, cfg = encoder_from_checkpoint(checkpoint.load(path))
+    ds = cfg.dataset
+    device = torch.device(device)
+    return encoder.to(device), Preprocess(ds.image_size, ds.channels, ds.mean, ds.std, device)
