@@ -406,7 +406,8 @@ def test_imagefolder_ignores_loose_files_next_to_class_folders(tmp_path, caplog)
 @pytest.mark.parametrize("layout", ["flat", "nested", "one_class"])
 def test_imagefolder_without_class_folders_trains_unlabeled(tmp_path, layout):
     rng = np.random.default_rng(0)
-    where = {"flat": ["", "", "", ""], "nested": ["", "x", "x/y", "z"], "one_class": ["only"] * 4}[layout]
+    # nested: sub-folders below one first-level folder are still one class, so no labels
+    where = {"flat": ["", "", "", ""], "nested": ["", "x", "x/y", "x/z"], "one_class": ["only"] * 4}[layout]
     for i, sub in enumerate(where):
         (tmp_path / sub).mkdir(parents=True, exist_ok=True)
         mode, shape = [("RGB", (9, 7, 3)), ("L", (5, 5)), ("RGBA", (8, 8, 4)), ("RGB", (30, 20, 3))][i]

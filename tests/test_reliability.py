@@ -235,7 +235,7 @@ def test_a_diverged_model_never_overwrites_the_last_finite_checkpoint(tmp_path, 
 def test_sweep_expansion_covers_every_combination_glob_range_and_interval():
     sets = cli._override_sets(["method=glob([sim*,moco*])", "trainer.seed=range(0,2)", "optimizer.lr=interval(0.01,1)",
                                "hydra.run.dir=x"], multirun=True)
-    assert len(sets) == 3 * 2 * 2
+    assert len(sets) == 5 * 2 * 2  # sim*: simclr, simsiam; moco*: moco, moco_imagenet, moco_v3
     assert ["method=moco_imagenet", "trainer.seed=1", "optimizer.lr=1"] in sets
     assert ["method=simclr", "trainer.seed=0", "optimizer.lr=0.01"] in sets
     with pytest.raises(UserError, match="selects no value"):
