@@ -61,7 +61,7 @@ def _named(name: str, data_dir: str, size: int, channels: int, batch_size: int):
                                       align_corners=False).round().clamp(0, 255).to(torch.uint8)
                 yield x, torch.ones(len(x), dtype=torch.bool)
 
-    return batches(), rows
+    return batches(), rows, sum(-(-len(data) // batch_size) for data in tensors)
 
 
 def _neighbour_png(path: Path, queries: list[int], hits: list[list[tuple[int, float]]], picture) -> None:
@@ -102,9 +102,9 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
     if os.path.isdir(os.path.expanduser(source)):
         source = os.path.expanduser(source)
         batches, found = _folder(source, size, channels, cfg.batch_size, cfg.workers)
-        paths, labels = [str(Path(p).resolve()) for p in found], None
+        paths, labels, n_batches = [str(Path(p).resolve()) for p in found], None, len(batches)
     elif source in dataset_options():
-        batches, rows = _named(source, cfg.paths.data_dir, size, channels, cfg.batch_size)
+        batches, rows, n_batches = _named(source, cfg.paths.data_dir, size, channels, cfg.batch_size)
         paths, labels = [r[0] for r in rows], [r[1] for r in rows]
     else:
         raise UserError(f"input={source}: not a folder, nor a dataset ({', '.join(dataset_options())})")
@@ -112,7 +112,7 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
     pre = Preprocess(size, channels, ds.mean, ds.std, device)
     feats, ok = [], []
     with torch.no_grad():
-        for x, good in tqdm(batches, total=-(-len(paths) // cfg.batch_size), desc="embedding", unit="batch"):
+        for x, good in tqdm(batches, total=n_batches, desc="embedding", unit="batch"):
             ok.append(good)
             if x is not None:
                 feats.append(encoder(pre(x)).float().cpu())
