@@ -412,18 +412,24 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _guarded(prog: str, work, where):
+    """A job's work; a UserError or an OSError becomes one line (and the job's result None)."""
+    try:
+        return work()
+    except UserError as e:
+        _fail(prog, str(e))
+    except OSError as e:
+        _fail(prog, f"{e.filename or where}: {e.strerror or e}")
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="eval")
 def eval_job(cfg: DictConfig) -> dict | None:
     from .evaluate import run_evaluation
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        result = run_evaluation(cfg, out_dir, _overrides())
-    except UserError as e:
-        _fail("cl-eval", str(e))
-        return None
-    except OSError as e:
-        _fail("cl-eval", f"{e.filename or out_dir}: {e.strerror or e}")
+    result = _guarded("cl-eval", lambda: run_evaluation(cfg, out_dir, _overrides()), out_dir)
+    if result is None:
         return None
     rows = [("dataset", result["dataset"]), ("n_train / n_test", f"{result['n_train']} / {result['n_test']}"),
             ("k-NN top-1 (k=200)", f"{result['knn_top1']:.4f}"), ("5-NN top-1", f"{result['knn5_top1']:.4f}"),
@@ -439,13 +445,8 @@ def embed_job(cfg: DictConfig) -> dict | None:
     from .embed import run_embed
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        result = run_embed(cfg, out_dir)
-    except UserError as e:
-        _fail("cl-embed", str(e))
-        return None
-    except OSError as e:
-        _fail("cl-embed", f"{e.filename or out_dir}: {e.strerror or e}")
+    result = _guarded("cl-embed", lambda: run_embed(cfg, out_dir), out_dir)
+    if result is None:
         return None
     print(f"{result['n']} images x {result['feature_dim']} features"
           + (f" ({len(result['skipped'])} unreadable skipped)" if result["skipped"] else ""))
@@ -458,13 +459,8 @@ def embed_job(cfg: DictConfig) -> dict | None:
 def export_job(cfg: DictConfig) -> dict | None:
     from .export import run_export
 
-    try:
-        meta = run_export(cfg)
-    except UserError as e:
-        _fail("cl-export", str(e))
-        return None
-    except OSError as e:
-        _fail("cl-export", f"{e.filename or cfg.out}: {e.strerror or e}")
+    meta = _guarded("cl-export", lambda: run_export(cfg), cfg.out)
+    if meta is None:
         return None
     print(f"wrote {meta['file']} ({meta['format']}, {meta['channels']} x {meta['input_size']} x {meta['input_size']} "
           f"-> {meta['feature_dim']} features; checked: max difference {meta['max_abs_diff']:.1e}) and {meta['file']}.json")

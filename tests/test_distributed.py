@@ -58,15 +58,20 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
         cleanup()  # barrier first: tearing gloo down under the other rank aborted it about one run in five
 
 
-def test_two_processes_equal_one_process_with_the_double_batch(tmp_path):
+def run_two_ranks(target, tmp_path) -> list[dict]:
+    """Run `target(rank, 2, init, out)` in two spawned processes; what each rank saved."""
     ctx = mp.get_context("spawn")  # fork can deadlock with gloo threads
-    procs = [ctx.Process(target=worker, args=(r, 2, f"file://{tmp_path}/rendezvous", str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, f"file://{tmp_path}/rendezvous", str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def test_two_processes_equal_one_process_with_the_double_batch(tmp_path):
+    ranks = run_two_ranks(worker, tmp_path)
 
     x1, x2 = data()
     single = make_simclr()
@@ -133,15 +138,7 @@ def global_batch_worker(rank: int, world: int, init: str, out: str) -> None:
 
 
 def test_barlow_twins_vicreg_supcon_two_processes_equal_one_process(tmp_path):
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=global_batch_worker, args=(r, 2, f"file://{tmp_path}/rendezvous", str(tmp_path)))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_two_ranks(global_batch_worker, tmp_path)
     x1, x2 = data()
     for name, single in make_global_batch_methods().items():
         loss = single.training_step(x1, x2, LABELS).loss

@@ -211,7 +211,7 @@ METHOD_RUNS = {
     "vicreg": (["trainer.epochs=8"], 0.02),
     "moco_v3": (["trainer.epochs=8"], 0.02),
     "nnclr": (["trainer.epochs=8", "method.queue_size=1024"], 0.02),  # a support set below the 1,347 images
-    "supcon": (["trainer.epochs=8"], 0.02),
+    "supcon": (["trainer.epochs=16"], 0.02),  # BN-free head: 0.820 after 8 epochs, 0.909 after 16 (random 0.818)
     "dcl": (["trainer.epochs=8"], 0.02),
 }
 
@@ -238,8 +238,11 @@ def test_method_trains_on_digits_and_beats_random_encoder(method, tmp_path):
     # epoch 1 is skipped: MoCo's first losses are against a queue of random keys
     assert losses[-1] < losses[1], losses
     # MoCo's embeddings of different images sit at cosine 0.99 in these 80 steps (a queue of keys from a
-    # barely trained encoder): the neg_cos warning is right to fire, the std one is not
-    assert not summary["collapse_warning"] or method == "moco"
+    # barely trained encoder), and so do SupCon's (its BN-free head, as in the paper's code, keeps a large
+    # shared direction in the raw projections, 0.988 here; the loss sees them normalized): the neg_cos
+    # warning is right to fire for both, and only the neg_cos one may
+    monitor = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["monitor"]
+    assert not monitor["warned"] and (not monitor["warned_cos"] or method in ("moco", "supcon"))
     ckpt_path = tmp_path / "run" / "checkpoints" / "last.pt"
     random_path = tmp_path / "random.pt"
     ckpt = checkpoint.load(ckpt_path)

@@ -58,3 +58,14 @@ def pair_labels(labels: Tensor, supervised: bool, n: int, device: torch.device) 
     if (labels < 0).any():
         raise UserError("method.supervised=true needs labels, but this training split has unlabeled images")
     return labels[:, None] == labels[None, :]
+
+
+@torch.no_grad()
+def enqueue(queue: Tensor, ptr: Tensor, keys: Tensor) -> None:
+    """Write keys into a ring buffer (K x D) at the pointer, wrapping around its end, and move the
+    pointer: MoCo's queue of keys, NNCLR's support set."""
+    size = queue.shape[0]
+    keys = keys[-size:]
+    idx = (ptr + torch.arange(len(keys), device=keys.device)) % size
+    queue[idx] = keys.to(queue.dtype)
+    ptr.copy_((ptr + len(keys)) % size)

@@ -12,7 +12,7 @@ from ..errors import UserError, positive
 from ..heads import mlp
 from ..losses import info_nce
 from ..momentum import check_momentum, cosine_momentum, frozen_copy, split_batch_norm, update_ema
-from .base import Method, StepOutput
+from .base import Method, StepOutput, enqueue
 
 
 class MoCo(Method):
@@ -74,14 +74,8 @@ class MoCo(Method):
         k_all[perm] = k_shuffled  # undo the shuffle
         return k_all.view(world, len(x), -1)[rank]
 
-    @torch.no_grad()
     def _enqueue(self, keys: Tensor) -> None:
-        """Write keys at the pointer, wrapping around the end of the queue."""
-        size = self.queue.shape[0]
-        keys = keys[-size:]
-        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % size
-        self.queue[idx] = keys.to(self.queue.dtype)
-        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % size)
+        enqueue(self.queue, self.queue_ptr, keys)
 
     @torch.no_grad()
     def on_step_end(self, progress: float) -> None:

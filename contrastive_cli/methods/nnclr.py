@@ -12,7 +12,7 @@ from ..distributed import gather, gather_with_grad, rank_and_world
 from ..errors import positive
 from ..heads import mlp
 from ..losses import nearest_neighbour, nnclr
-from .base import Method, StepOutput
+from .base import Method, StepOutput, enqueue
 
 
 class NNCLR(Method):
@@ -42,10 +42,5 @@ class NNCLR(Method):
         self._enqueue(gather(F.normalize(z1.detach().float(), dim=1)))
         return StepOutput(loss, z1, z2)
 
-    @torch.no_grad()
     def _enqueue(self, keys: Tensor) -> None:
-        size = self.queue.shape[0]
-        keys = keys[-size:]
-        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % size
-        self.queue[idx] = keys.to(self.queue.dtype)
-        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % size)
+        enqueue(self.queue, self.queue_ptr, keys)
