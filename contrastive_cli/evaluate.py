@@ -184,9 +184,10 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
     from omegaconf import OmegaConf
 
     from . import checkpoint
+    from .api import encoder_from_checkpoint
     from .config import build, move_data, run_settings, validate_eval
     from .data import has_class_folders
-    from .parts import build_model, resolve_device, unlabeled_message
+    from .parts import resolve_device, unlabeled_message
 
     e, paths = validate_eval(cfg)
     ckpt = checkpoint.load(cfg.checkpoint)
@@ -209,9 +210,7 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
             str(target.source.root)):  # said before decoding a whole folder
         raise UserError(unlabeled_message(target, "cl-eval has nothing to score against"))
     device = resolve_device(e.device)
-    encoder, _ = build_model(train_cfg)
-    encoder.load_state_dict(ckpt["encoder"])
-    encoder.to(device)
+    encoder = encoder_from_checkpoint(ckpt)[0].to(device)
     try:
         splits = build(target.source, "dataset")
     except UserError as err:
