@@ -3,12 +3,15 @@
     python scripts/bench.py dataset=fashion_mnist encoder=small_cnn trainer.batch_size=256
     python scripts/bench.py --pipeline=per_image dataset=fashion_mnist encoder=small_cnn trainer.batch_size=256
     python scripts/bench.py --synthetic=50000 dataset=cifar10 encoder=resnet18 trainer.batch_size=512 trainer.precision=bf16
+    python scripts/bench.py --methods=simclr,moco,byol dataset=fashion_mnist encoder=small_cnn trainer.batch_size=256
 
 Takes the same Hydra overrides as cl-train and prints one JSON line per measurement: images/s (one
 image = its two views) and peak memory. `--pipeline=device` is the toolkit's path (uint8 batches to
 the device, per-sample augmentation there in one pass); `per_image` is the usual baseline: torchvision
 v2 transforms of the same recipe applied image by image in DataLoader workers. `--synthetic=N` uses
 N random uint8 images of the dataset's shape instead of its files (for machines without the data).
+`--methods=a,b,...` measures the step alone for each method (the same encoder, batch and views) and
+ends with a markdown table of each method's step time over the first one's.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -100,24 +105,22 @@ def peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def timed(fn, steps: int, warmup: int, device: torch.device, images: int) -> float:
+def timed(fn, steps: int, warmup: int, device: torch.device, images: int) -> tuple[float, float]:
+    """(images/s over `steps` calls, seconds the `warmup` calls took: torch.compile's compilation)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
     sync(device)
+    warm = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         fn()
     sync(device)
-    return images * steps / (time.perf_counter() - start)
+    return images * steps / (time.perf_counter() - start), warm
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pipeline", choices=("device", "per_image"), default="device")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--synthetic", type=int, default=0, help="N random uint8 images instead of the dataset")
-    args, overrides = ap.parse_known_args()
+def setup(args, overrides: list[str]) -> SimpleNamespace:
+    """Everything one measurement needs, built as cl-train builds it."""
     with initialize_config_module(config_module="contrastive_cli.configs", version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     t, _ = validate_train(cfg)
@@ -139,6 +142,8 @@ def main() -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=prec.dtype == torch.float16)
     model = torch.compile(method) if t.compile else method
     labels = torch.full((t.batch_size,), -1, device=device)
+    if method.needs_labels:  # SupCon: a fixed labelling with several images per class
+        labels = torch.arange(t.batch_size, device=device) % 10
     method.train()
 
     def step(v1, v2):
@@ -149,17 +154,69 @@ def main() -> None:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "precision": str(prec.dtype or "fp32"), "compile": t.compile,
             "channels_last": prec.channels_last}
-    stream = batches(args, cfg, data, augment, device, prec)
+    return SimpleNamespace(cfg=cfg, t=t, device=device, prec=prec, data=data, augment=augment, step=step, base=base)
+
+
+def emit(run: SimpleNamespace, part: str, rate: float, warmup_s: float) -> None:
+    print(json.dumps({**run.base, "part": part, "images_per_s": round(rate, 1),
+                      "ms_per_step": round(1000 * run.t.batch_size / rate, 1), "warmup_s": round(warmup_s, 1),
+                      "peak_mem_mib": round(peak_mib(run.device), 1)}), flush=True)
+
+
+def parts(args, overrides: list[str]) -> None:
+    run = setup(args, overrides)
+    stream = batches(args, run.cfg, run.data, run.augment, run.device, run.prec)
+    n = run.t.batch_size
     results = {}
-    results["pipeline"] = timed(lambda: next(stream), args.steps, args.warmup, device, t.batch_size)
+    results["pipeline"] = timed(lambda: next(stream), args.steps, args.warmup, run.device, n)
     resident = next(stream)
-    results["step"] = timed(lambda: step(*resident), args.steps, args.warmup, device, t.batch_size)
-    results["end_to_end"] = timed(lambda: step(*next(stream)), args.steps, args.warmup, device, t.batch_size)
-    for part, rate in results.items():
-        print(json.dumps({**base, "part": part, "images_per_s": round(rate, 1),
-                          "peak_mem_mib": round(peak_mib(device), 1)}), flush=True)
-    print(json.dumps({**base, "part": "summary", "end_to_end_over_step": round(results["end_to_end"] / results["step"], 3),
-                      "epoch_50k_s": round(50_000 / results["end_to_end"], 1)}), flush=True)
+    results["step"] = timed(lambda: run.step(*resident), args.steps, args.warmup, run.device, n)
+    results["end_to_end"] = timed(lambda: run.step(*next(stream)), args.steps, args.warmup, run.device, n)
+    for part, (rate, warm) in results.items():
+        emit(run, part, rate, warm)
+    e2e, step = results["end_to_end"][0], results["step"][0]
+    print(json.dumps({**run.base, "part": "summary", "end_to_end_over_step": round(e2e / step, 3),
+                      "epoch_50k_s": round(50_000 / e2e, 1)}), flush=True)
+
+
+def method_steps(args, overrides: list[str]) -> None:
+    """The step alone for each method, on the same resident views, measured `--repeats` times in
+    turn (so a slow spell of the machine hits every method alike) and reported as the median; then
+    one markdown table."""
+    names = args.methods.split(",")
+    runs = [setup(args, [*overrides, f"method={name}"]) for name in names]
+    views = [next(batches(args, run.cfg, run.data, run.augment, run.device, run.prec)) for run in runs]
+    rates: list[list[float]] = [[] for _ in names]
+    warmups = [0.0] * len(names)
+    for r in range(args.repeats):
+        for i, (run, resident) in enumerate(zip(runs, views, strict=True)):
+            rate, warm = timed(lambda run=run, resident=resident: run.step(*resident), args.steps,
+                               args.warmup if r == 0 else 1, run.device, run.t.batch_size)
+            rates[i].append(rate)
+            warmups[i] = warmups[i] or warm
+    rows = []
+    for name, run, measured, warm in zip(names, runs, rates, warmups, strict=True):
+        rate = statistics.median(measured)
+        emit(run, f"step {name}", rate, warm)
+        rows.append((name, 1000 * run.t.batch_size / rate, rate))
+    print(f"\n| method | step (ms) | images/s | step over {rows[0][0]}'s |\n|---|---|---|---|")
+    for name, ms, rate in rows:
+        print(f"| {name} | {ms:.1f} | {rate:,.0f} | {ms / rows[0][1]:.2f}x |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipeline", choices=("device", "per_image"), default="device")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation, caches); their time is warmup_s")
+    ap.add_argument("--synthetic", type=int, default=0, help="N random uint8 images instead of the dataset")
+    ap.add_argument("--methods", default="", help="comma-separated methods: the step alone for each, and a table")
+    ap.add_argument("--repeats", type=int, default=3, help="with --methods: rounds over the methods; the median is kept")
+    args, overrides = ap.parse_known_args()
+    if args.methods:
+        method_steps(args, overrides)
+    else:
+        parts(args, overrides)
 
 
 if __name__ == "__main__":

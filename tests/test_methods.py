@@ -193,6 +193,36 @@ def test_split_batch_norm_normalizes_each_group_on_its_own():
         bn.train()(torch.randn(5, 3, 4, 4))
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_split_batch_norm_equals_one_batch_norm_per_chunk_and_keeps_the_layout(layout):
+    """Outputs, gradients (input, weight, bias) and running statistics of a split BN equal those of
+    s separate BatchNorm2d layers (one per chunk, as on s GPUs) whose running statistics are averaged."""
+    torch.manual_seed(0)
+    s, c = 4, 5
+    bn = SplitBatchNorm2d(c, num_splits=s).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    refs = [nn.BatchNorm2d(c).double() for _ in range(s)]
+    for r in refs:
+        r.load_state_dict({k: v for k, v in bn.state_dict().items()})
+    x = (torch.randn(8, c, 3, 3, dtype=torch.double) * 2 + 1).contiguous(memory_format=layout).requires_grad_()
+    w = torch.randn(8, c, 3, 3, dtype=torch.double)  # a random loss, so no gradient cancels out
+    y = bn(x)
+    assert y.is_contiguous(memory_format=layout)
+    gx, gw, gb = torch.autograd.grad((y * w).sum(), (x, bn.weight, bn.bias))
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = torch.cat([r(chunk) for r, chunk in zip(refs, x_ref.chunk(s), strict=True)])
+    (y_ref * w).sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, x_ref.grad)
+    torch.testing.assert_close(gw, sum(r.weight.grad for r in refs))
+    torch.testing.assert_close(gb, sum(r.bias.grad for r in refs))
+    torch.testing.assert_close(bn.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([r.running_var for r in refs]).mean(0))
+    assert int(bn.num_batches_tracked) == 1
+
+
 # ------------------------------------------------------------------------- training on digits
 
 # A few epochs on the CPU. A random CNN is already a fair feature extractor on digits (k-NN about

@@ -62,6 +62,35 @@ def test_bf16_autocast_runs_a_step_on_cpu(tmp_path, fast_train):
     assert summary["steps"] == 1347 // 128 and summary["final_loss"] == summary["final_loss"]  # finite
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_is_bf16_on_a_cpu_with_native_bf16_and_fp32_on_one_without(monkeypatch, native):
+    from contrastive_cli import train
+    from contrastive_cli.config import TrainerCfg
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert train.resolve_precision(TrainerCfg(precision="auto"), cpu).dtype == (torch.bfloat16 if native else None)
+    assert train.resolve_precision(TrainerCfg(precision="fp32"), cpu).dtype is None  # an explicit choice wins
+    assert train.resolve_precision(TrainerCfg(precision="bf16"), cpu).dtype == torch.bfloat16
+    assert train.resolve_precision(TrainerCfg(precision="auto"), torch.device("cuda")).dtype == torch.bfloat16
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch):
+    """Detected, not assumed: torch's cpuinfo map decides, and on Linux it agrees with /proc/cpuinfo."""
+    from pathlib import Path
+
+    from contrastive_cli.train import cpu_has_native_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "flags" in cpuinfo.read_text():
+        flags = set(cpuinfo.read_text().split())
+        assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)
+    for caps, expected in (({"avx512_bf16": True, "amx_bf16": False}, True), ({"amx_bf16": True}, True),
+                           ({"avx512_bf16": False, "avx2": True}, False), ({"bf16": True, "neon": True}, False)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps, raising=False)
+        assert cpu_has_native_bf16() is expected, caps
+
+
 def test_non_finite_loss_stops_with_one_clear_error(tmp_path, fast_train):
     from contrastive_cli.errors import UserError
 
