@@ -213,6 +213,9 @@ METHOD_RUNS = {
     "nnclr": (["trainer.epochs=8", "method.queue_size=1024"], 0.02),  # a support set below the 1,347 images
     "supcon": (["trainer.epochs=16"], 0.02),  # BN-free head: 0.820 after 8 epochs, 0.909 after 16 (random 0.818)
     "dcl": (["trainer.epochs=8"], 0.02),
+    "dino": (["trainer.epochs=8"], 0.02),
+    "swav": (["trainer.epochs=8"], 0.02),
+    "cpc": (["trainer.epochs=4"], 0.02),
 }
 
 
