@@ -44,12 +44,10 @@ class PatchGrid(nn.Module):
 
     def grid(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        g, p = self.side(h), self.patch_size
-        if w != h:
-            raise UserError(f"CPC: images must be square, got {h} x {w}")
+        rows, cols, p = self.side(h), self.side(w), self.patch_size
         patches = x.unfold(2, p, self.stride).unfold(3, p, self.stride)  # B x C x G x G x p x p
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * g * g, c, p, p)
-        return self.encoder(patches).reshape(b, g, g, -1).permute(0, 3, 1, 2)  # B x D x G x G
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * rows * cols, c, p, p)
+        return self.encoder(patches).reshape(b, rows, cols, -1).permute(0, 3, 1, 2)  # B x D x G x G
 
     def forward(self, x: Tensor) -> Tensor:
         return self.grid(x).mean((2, 3))

@@ -50,7 +50,7 @@ class DINO(Method):
                  norm_last_layer: bool = True, student_temp: float = 0.1, teacher_temp: float = 0.07,
                  warmup_teacher_temp: float = 0.04, teacher_temp_warmup: float = 0.3, center_momentum: float = 0.9,
                  momentum_start: float = 0.996, momentum_end: float = 1.0, clip_grad: float = 0.0,
-                 freeze_last_layer: float = 0.0, batch_norm: bool = True):
+                 freeze_last_layer: float = 0.0, batch_norm: bool = False):
         super().__init__(encoder)
         self.student_temp = positive("method.student_temp", student_temp)
         self.teacher_temp = positive("method.teacher_temp", teacher_temp)
