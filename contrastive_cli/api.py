@@ -81,10 +81,13 @@ class Preprocess:
 
 def encoder_from_checkpoint(ckpt: dict) -> tuple[nn.Module, OmegaConf]:
     """The checkpoint's encoder (weights loaded, eval mode, CPU) and its training config."""
+    from hydra.utils import get_class
+
     from .config import build
 
     cfg = OmegaConf.create(ckpt["config"])
-    encoder = build(cfg.encoder, "encoder")
+    # the method may wrap the encoder for evaluation (CPC: patches in, features pooled over the grid)
+    encoder = get_class(cfg.method._target_).eval_encoder(build(cfg.encoder, "encoder"), cfg.method)
     encoder.load_state_dict(ckpt["encoder"])
     return encoder.eval(), cfg
 

@@ -200,9 +200,37 @@ class TwoViews(nn.Module):
     def __init__(self, view1: BatchAugment, view2: BatchAugment, on_device: bool = True):
         super().__init__()
         self.view1, self.view2, self.on_device = view1, view2, bool(on_device)
+        self.num_views = 2
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         return self.view1(x, generator), self.view2(x, generator)
+
+
+class MultiCrop(nn.Module):
+    """Multi-crop (SwAV, Caron et al. 2020; DINO): two global views at the image size, then
+    `local_crops` small views at `local_size` (a fraction of the image size), every sample of every
+    crop drawing its own parameters. The local crops are made in one pass over the batch repeated
+    `local_crops` times. Returns the views grouped by size: [global 1, global 2, local 1, ..., local V]."""
+
+    def __init__(self, global1: BatchAugment, global2: BatchAugment, local, local_crops: int = 6,
+                 local_size: float = 0.4, on_device: bool = True):
+        super().__init__()
+        self.local_crops = positive("augmentation.local_crops", local_crops, integer=True, strict=False)
+        if not isinstance(local_size, (int, float)) or not 0 < local_size <= 1:
+            raise UserError(f"augmentation.local_size={local_size!r}: must be a fraction of the image size in (0, 1]")
+        self.global1, self.global2, self.on_device = global1, global2, bool(on_device)
+        # `local` comes as a partial BatchAugment: its size follows the global one
+        self.local = local(size=max(3, round(local_size * global1.size)))
+
+    @property
+    def num_views(self) -> int:
+        return 2 + self.local_crops
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+        views = [self.global1(x, generator), self.global2(x, generator)]
+        if self.local_crops:
+            views += list(self.local(x.repeat(self.local_crops, 1, 1, 1), generator).split(x.shape[0]))
+        return views
 
 
 def normalize(x: Tensor, mean: list[float], std: list[float]) -> Tensor:

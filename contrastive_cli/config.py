@@ -207,8 +207,9 @@ def _dry_build(cfg: DictConfig, batch_size: int) -> None:
 
     stand_in = torch.nn.Linear(1, 8)
     stand_in.feature_dim = 8
-    build(cfg.method, "method")(encoder=stand_in).check_batch_size(batch_size)
-    build(cfg.augmentation, "augmentation")
+    method = build(cfg.method, "method")(encoder=stand_in)
+    method.check_batch_size(batch_size)
+    method.check_views(getattr(build(cfg.augmentation, "augmentation"), "num_views", 2))
 
 
 EMBED_KEYS = ("checkpoint", "input", "batch_size", "normalize", "neighbours", "queries", "num_queries", "seed",

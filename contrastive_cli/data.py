@@ -210,8 +210,8 @@ class _AugmentedBatches(Dataset):
             items = [self.data[int(i)] for i in idx]
             x, y = torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items])
         with torch.no_grad():
-            v1, v2 = self.augment(x, torch.Generator().manual_seed(self.aug_seed * 1_000_003 + k))
-        return v1, v2, y
+            views = self.augment(x, torch.Generator().manual_seed(self.aug_seed * 1_000_003 + k))
+        return (*views, y)
 
 
 def iterate_batches(
@@ -223,7 +223,7 @@ def iterate_batches(
     (seed, epoch), so a resumed run sees the same batches as a straight one; with `world` processes,
     global batch k is slice k of that order and rank r gets its r-th part (a distributed sampler
     whose union over ranks is exactly the single-process batch of world * batch_size).
-    With `augment`, batches are augmented on the CPU in `workers` processes and come as (view1, view2, labels).
+    With `augment`, batches are augmented on the CPU in `workers` processes and come as (view1, view2, [crops...,] labels).
     `start`: skip the epoch's first batches (resuming inside an epoch); the rest are as they would have been."""
     n = len(data)
     if shuffle:

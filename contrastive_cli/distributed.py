@@ -96,6 +96,14 @@ def broadcast(x: Tensor, src: int = 0) -> Tensor:
 
 
 @torch.no_grad()
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """x summed over ranks, in place (SwAV's Sinkhorn, DINO's center)."""
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
 def mean(x: Tensor) -> Tensor:
     """Average of x over ranks (metrics)."""
     _, world = rank_and_world()

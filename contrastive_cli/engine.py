@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 import signal
@@ -159,25 +160,34 @@ class Loop:
 
 
 def make_views(batch, augment: nn.Module, generator: torch.Generator, prec: Precision, cpu_views: bool):
-    """(view1, view2, labels) on the device. The views come made from the DataLoader workers when
-    `cpu_views`; otherwise the uint8 batch crosses to the device and both views are made there."""
+    """(view1, view2, labels, crops) on the device: `crops` are the views after the first two (a
+    multi-crop augmentation's local crops; empty for two-view augmentations). The views come made
+    from the DataLoader workers when `cpu_views`; otherwise the uint8 batch crosses to the device and
+    the views are made there."""
     y = batch[-1].to(prec.device, non_blocking=True)
     if cpu_views:
-        return prec.to_device(batch[0]), prec.to_device(batch[1]), y
-    with torch.no_grad():
-        x1, x2 = augment(prec.to_device(batch[0]), generator)
-    if prec.channels_last:
-        x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x2))
-    return x1, x2, y
+        views = [prec.to_device(v) for v in batch[:-1]]
+    else:
+        with torch.no_grad():
+            views = augment(prec.to_device(batch[0]), generator)
+        if prec.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    return views[0], views[1], y, tuple(views[2:])
 
 
 def optimizer_step(model: Callable, x1: Tensor, x2: Tensor, y: Tensor, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler, prec: Precision):
-    """Forward under autocast, backward through the scaler, one optimizer step; returns the StepOutput."""
+                   scaler: torch.amp.GradScaler, prec: Precision, crops: tuple[Tensor, ...] = (),
+                   before_step: Callable[[], None] | None = None):
+    """Forward under autocast, backward through the scaler, one optimizer step; returns the StepOutput.
+    `crops` reach only the methods that read them; `before_step` runs between backward and the step on
+    unscaled gradients (clipping, freezing parameters)."""
     with prec.autocast:
-        out = model(x1, x2, y)
+        out = model(x1, x2, y, crops) if crops else model(x1, x2, y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out.loss).backward()
+    if before_step is not None:
+        scaler.unscale_(optimizer)
+        before_step()
     scaler.step(optimizer)
     scaler.update()
     return out
@@ -238,8 +248,9 @@ def fit(
                                       aug_seed=loop.seed * 1_009 + epoch * 101 + loop.rank, start=first)
             bar = progress.epoch_bar(batches, epoch, first, steps_per_epoch)
             for i, batch in enumerate(bar, start=first):
-                x1, x2, y = make_views(batch, augment, generator, prec, cpu_views)
-                out = optimizer_step(model, x1, x2, y, optimizer, scaler, prec)
+                x1, x2, y, crops = make_views(batch, augment, generator, prec, cpu_views)
+                out = optimizer_step(model, x1, x2, y, optimizer, scaler, prec, crops,
+                                     functools.partial(method.before_optimizer_step, state.step / total))
                 scheduler.step()
                 state.step += 1
                 method.on_step_end(state.step / total)

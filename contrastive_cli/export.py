@@ -137,7 +137,8 @@ def run_export(cfg: DictConfig) -> dict:
     example, check_x = torch.randn(2, channels, size, size, generator=g), torch.randn(5, channels, size, size, generator=g)
     with torch.no_grad():
         expected = encoder(check_x)
-    recipe = torchvision_recipe(train_cfg.encoder)
+    # a plain torchvision model only where the encoder is the configured one, not a method's wrapper of it
+    recipe = torchvision_recipe(train_cfg.encoder) if type(encoder).__module__.startswith("torchvision") else None
 
     def rebuild() -> nn.Module:  # state_dict: plain torchvision for a ResNet, else the encoder class the JSON names
         return plain_torchvision(recipe) if recipe is not None else encoder_from_checkpoint(ckpt)[0]

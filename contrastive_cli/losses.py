@@ -14,12 +14,17 @@ from torch import Tensor
 def fp32(loss):
     """Run `loss` outside autocast, with its tensor arguments as float32."""
 
+    def cast(a):
+        if isinstance(a, (list, tuple)):  # the views of a multi-crop loss
+            return type(a)(cast(t) for t in a)
+        return a.float() if isinstance(a, Tensor) and a.is_floating_point() else a
+
     @functools.wraps(loss)
     def wrapper(*args, **kwargs):
-        device = next(a for a in args if isinstance(a, Tensor)).device.type
+        first = next(a for a in args if isinstance(a, Tensor) or isinstance(a, (list, tuple)) and a)
+        device = (first if isinstance(first, Tensor) else first[0]).device.type
         with torch.autocast(device, enabled=False):
-            args = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
-            return loss(*args, **kwargs)
+            return loss(*[cast(a) for a in args], **kwargs)
 
     return wrapper
 
@@ -198,3 +203,53 @@ def supcon(z: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
     has = count > 0
     per_anchor = -(log_prob.masked_fill(~positives, 0.0).sum(1)[has] / count[has])
     return per_anchor.mean()
+
+
+@fp32
+def dino_loss(student: list[Tensor], teacher: list[Tensor], center: Tensor, student_temp: float,
+              teacher_temp: float) -> Tensor:
+    """DINO (Caron et al. 2021, alg. 1): -sum softmax((t - c) / T_t) * log_softmax(s / T_s), averaged over
+    the batch and over every pair (teacher view i, student view j != i). student: the logits (N x K) of
+    every view, the global ones first; teacher: those of the global views; center: K (no gradient)."""
+    targets = [F.softmax((t.detach() - center) / teacher_temp, dim=1) for t in teacher]
+    logp = [F.log_softmax(s / student_temp, dim=1) for s in student]
+    terms = [-(q * logp[j]).sum(1).mean() for i, q in enumerate(targets) for j in range(len(logp)) if j != i]
+    return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+@fp32
+def sinkhorn(scores: Tensor, eps: float = 0.05, iters: int = 3) -> Tensor:
+    """SwAV's codes (Caron et al. 2020, sec. 3.1 and appendix A.1): Sinkhorn-Knopp on exp(scores / eps),
+    alternately giving each of the K prototypes 1/K of the mass and each of the B samples 1/B; rows
+    are returned summing to 1 (the last step is the samples'). scores: B x K similarities in [-1, 1]
+    (so exp(1 / eps) stays finite in fp32). Under DDP the prototype sums and B run over every rank."""
+    from .distributed import all_reduce_sum, rank_and_world
+
+    q = torch.exp(scores.float() / eps).t()  # K x B
+    k, b = q.shape[0], q.shape[1] * rank_and_world()[1]
+    q /= all_reduce_sum(q.sum())
+    for _ in range(iters):
+        q /= all_reduce_sum(q.sum(1, keepdim=True)) * k  # each prototype: 1/K
+        q /= q.sum(0, keepdim=True) * b  # each sample: 1/B
+    return (q * b).t()
+
+
+@fp32
+def swav_loss(scores: list[Tensor], codes: list[Tensor], temperature: float) -> Tensor:
+    """SwAV's swapped prediction: for the codes q_i of each global view i, the cross-entropy
+    -sum q_i log softmax(p_j / T) with the prototype scores p_j of every other view j, averaged over
+    j, the batch and i. scores: every view's B x K scores, the global views first."""
+    total = []
+    for i, q in enumerate(codes):
+        terms = [-(q * F.log_softmax(p / temperature, dim=1)).sum(1).mean() for j, p in enumerate(scores) if j != i]
+        total.append(torch.stack(terms).mean())
+    return torch.stack(total).mean()
+
+
+@fp32
+def cpc_info_nce(pred: Tensor, keys: Tensor, target: Tensor) -> Tensor:
+    """CPC's InfoNCE (van den Oord et al. 2018, eq. 4): each prediction (M x D) scored by dot product
+    against every key (P x D: the patch features of all positions of all images); the positive of
+    prediction m is key target[m]. log P - this loss is the bound on I(x; c) the paper names."""
+    return F.cross_entropy(pred @ keys.t(), target)

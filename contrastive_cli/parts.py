@@ -21,10 +21,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: DictConfig):
-    """Encoder and method from the config; shared by training, resume and evaluation."""
-    encoder = build(cfg.encoder, "encoder")
-    method = build(cfg.method, "method")(encoder=encoder)
-    return encoder, method
+    """Encoder and method from the config; shared by training, resume and evaluation. The encoder
+    returned is the method's (CPC's wraps the configured one): what checkpoints store and cl-eval runs."""
+    method = build(cfg.method, "method")(encoder=build(cfg.encoder, "encoder"))
+    return method.encoder, method
 
 
 def unlabeled_message(ds, what: str) -> str:

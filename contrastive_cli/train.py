@@ -101,6 +101,7 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
     _, method = build_model(cfg)
     method.check_batch_size(t.batch_size)
     augment = build(cfg.augmentation, "augmentation")
+    method.check_views(getattr(augment, "num_views", 2))
     splits = build(cfg.dataset.source, "dataset")
     train = splits.train
     steps = check_data(cfg, t, splits, world, method.needs_labels)

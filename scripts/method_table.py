@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 METHODS = ("simclr", "moco", "byol", "contrastive_margin", "triplet", "dcl", "moco_v3", "simsiam", "barlow_twins", "vicreg",
-           "nnclr", "supcon")
+           "nnclr", "supcon", "dino", "swav", "cpc")
 
 
 def run(cmd: list[str], cwd: Path) -> float:

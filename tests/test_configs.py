@@ -7,6 +7,7 @@ import torch
 from conftest import compose_cfg
 
 from contrastive_cli.config import build, validate_train
+from contrastive_cli.errors import UserError
 from contrastive_cli.optim import build_optimizer
 
 
@@ -16,11 +17,12 @@ def options(group):
 
 
 def test_groups_have_the_documented_options():
-    assert options("method") == ["barlow_twins", "barlow_twins_imagenet", "byol", "contrastive_margin", "dcl", "moco",
-                                 "moco_imagenet", "moco_v3", "nnclr", "simclr", "simsiam", "supcon", "triplet", "vicreg"]
+    assert options("method") == ["barlow_twins", "barlow_twins_imagenet", "byol", "contrastive_margin", "cpc", "dcl",
+                                 "dino", "moco", "moco_imagenet", "moco_v3", "nnclr", "simclr", "simsiam", "supcon",
+                                 "swav", "triplet", "vicreg"]
     assert options("encoder") == ["resnet18", "resnet50", "small_cnn", "timm", "vit_tiny"]
     assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "mnist", "stl10"]
-    assert options("augmentation") == ["byol", "grey", "simclr"]
+    assert options("augmentation") == ["byol", "grey", "multicrop", "simclr"]
     assert options("optimizer") == ["adamw", "lars", "sgd"]
     assert options("logger") == ["csv", "tensorboard", "wandb"]
     assert "fashion_mnist_fast" in options("experiment")
@@ -53,15 +55,19 @@ def test_encoder_dataset_pairs_build_and_run(dataset, encoder):
 def test_method_optimizer_augmentation_combinations_step(method, optimizer, augmentation):
     cfg = compose_cfg("train", [f"method={method}", f"optimizer={optimizer}", f"augmentation={augmentation}",
                                 "encoder.width=4"])
-    validate_train(cfg)
     enc = build(cfg.encoder, "encoder")
     model = build(cfg.method, "method")(encoder=enc)
+    if augmentation == "multicrop" and not model.multi_crop:  # refused before training: crops it would drop
+        with pytest.raises(UserError, match="uses two views"):
+            validate_train(cfg)
+        return
+    validate_train(cfg)
     opt = build_optimizer(build(cfg.optimizer, "optimizer"), model, cfg.optimizer.lr, cfg.optimizer.weight_decay)
     x = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
-    v1, v2 = build(cfg.augmentation, "augmentation")(x, torch.Generator().manual_seed(0))
+    v1, v2, *crops = build(cfg.augmentation, "augmentation")(x, torch.Generator().manual_seed(0))
     before = [p.detach().clone() for p in model.parameters()]
     labels = torch.arange(8) % 3 if model.needs_labels else torch.full((8,), -1)  # -1: unlabeled
-    out = model.training_step(v1, v2, labels)
+    out = model(v1, v2, labels, tuple(crops))
     opt.zero_grad()
     out.loss.backward()
     opt.step()

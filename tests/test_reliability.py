@@ -102,6 +102,12 @@ RESUME_CASES = [
     ("sgd", "fp32", "contrastive_margin"), ("lars", "fp32", "triplet"),
     # views made in DataLoader workers, and a method that draws from the global RNG every step
     ("sgd", "fp32", "triplet", "method.mining=random", "augmentation.on_device=false", "trainer.workers=1"),
+    # multi-crop: gradients clipped after the scaler's unscale, the last layer frozen across the cut (progress
+    # 0.65 < 0.7), the teacher's temperature from the checkpoint; SwAV's queue and frozen prototypes across the
+    # cut (its step count from the checkpoint), local crops made in DataLoader workers
+    ("sgd", "fp16", "dino", "method.freeze_last_layer=0.7"),
+    ("sgd", "fp32", "swav", "method.queue_size=256", "method.freeze_prototypes=15", "augmentation.on_device=false",
+     "trainer.workers=1"),
 ]
 
 
@@ -110,7 +116,9 @@ def test_resume_restores_every_optimizer_precision_and_method_exactly(tmp_path, 
     optimizer, precision, method, *extra = case
     heads = {"simclr": ["method.proj_hidden_dim=32", "method.proj_dim=16"],
              "moco": ["method.proj_hidden_dim=32", "method.proj_dim=16", "method.queue_size=256"],
-             "byol": ["method.proj_hidden_dim=32", "method.proj_dim=16", "method.pred_hidden_dim=32"]}
+             "byol": ["method.proj_hidden_dim=32", "method.proj_dim=16", "method.pred_hidden_dim=32"],
+             "dino": ["method.hidden_dim=32", "method.bottleneck_dim=16", "method.out_dim=64"],
+             "swav": ["method.proj_hidden_dim=32", "method.proj_dim=16", "method.num_prototypes=20"]}
     ov = [f"method={method}", f"optimizer={optimizer}", f"trainer.precision={precision}", "trainer.epochs=2",
           "trainer.batch_size=128", "encoder.width=8", "trainer.knn_monitor=false", "trainer.seed=7",
           "schedule.warmup_epochs=1", *heads.get(method, []), *extra]

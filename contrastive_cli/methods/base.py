@@ -20,9 +20,12 @@ class StepOutput:
 
 class Method(nn.Module, abc.ABC):
     """`forward(x)` gives encoder features, `forward(x1, x2, labels)` the training step's loss;
-    `on_step_end(progress)` runs after each optimizer step (momentum updates, with progress in [0, 1])."""
+    `on_step_end(progress)` runs after each optimizer step (momentum updates, with progress in [0, 1]).
+    A method with `multi_crop = True` also gets a multi-crop augmentation's local crops:
+    `training_step(x1, x2, labels, crops)`; the others get exactly the two-view call."""
 
     min_batch_size = 2
+    multi_crop = False
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
@@ -36,18 +39,51 @@ class Method(nn.Module, abc.ABC):
         if batch_size < self.min_batch_size:
             raise UserError(f"trainer.batch_size={batch_size}: {type(self).__name__} needs at least {self.min_batch_size}")
 
-    def forward(self, x1: Tensor, x2: Tensor | None = None, labels: Tensor | None = None):
+    def check_views(self, num_views: int) -> None:
+        """Refuse, before training, crops this method would silently drop."""
+        if num_views > 2 and not self.multi_crop:
+            raise UserError(f"method {type(self).__name__} uses two views; this augmentation makes {num_views - 2} "
+                            "local crops as well (augmentation.local_crops); use a two-view augmentation (simclr, byol, "
+                            "grey), augmentation.local_crops=0, or a multi-crop method (dino, swav)")
+
+    def forward(self, x1: Tensor, x2: Tensor | None = None, labels: Tensor | None = None,
+                crops: tuple[Tensor, ...] = ()):
         """Features of x1; with x2 as well, the training step (so DDP's forward hooks see it)."""
         if x2 is None:
             return self.encoder(x1)
+        if self.multi_crop:
+            return self.training_step(x1, x2, labels, tuple(crops))
         return self.training_step(x1, x2, labels)
 
     @abc.abstractmethod
     def training_step(self, x1: Tensor, x2: Tensor, labels: Tensor) -> StepOutput:
         """The loss of one batch; labels are -1 where unknown and unused by label-free methods."""
 
+    def before_optimizer_step(self, progress: float) -> None:
+        """Runs between backward and the optimizer step, on unscaled gradients, with the fraction of
+        training done before this step (gradient clipping, parameters frozen early in training)."""
+
     def on_step_end(self, progress: float) -> None:
         """Nothing to do for methods without a momentum encoder."""
+
+    @classmethod
+    def eval_encoder(cls, encoder: nn.Module, method_cfg) -> nn.Module:
+        """The module a checkpoint's `encoder` weights belong to, rebuilt from the config's encoder
+        (what cl-eval, cl-embed and cl-export run): the encoder itself, unless the method wraps it."""
+        return encoder
+
+
+def encode_groups(net: nn.Module, views: list[Tensor]) -> list[Tensor]:
+    """`net` on every view, run once per image size (views of one size concatenated, then split back):
+    one pass for the global crops, one for the local ones."""
+    out: list[Tensor | None] = [None] * len(views)
+    sizes = list(dict.fromkeys(v.shape[-2:] for v in views))
+    for size in sizes:
+        idx = [i for i, v in enumerate(views) if v.shape[-2:] == size]
+        parts = net(torch.cat([views[i] for i in idx])).split([len(views[i]) for i in idx])
+        for i, part in zip(idx, parts, strict=True):
+            out[i] = part
+    return out
 
 
 def pair_labels(labels: Tensor, supervised: bool, n: int, device: torch.device) -> Tensor:
