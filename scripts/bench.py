@@ -17,6 +17,7 @@ ends with a markdown table of each method's step time over the first one's.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -76,9 +77,12 @@ class PerImageViews(torch.utils.data.Dataset):
 
 
 def batches(args, cfg, data, augment, device, prec, epoch: int = 0):
-    """Yield (view1, view2) on the device, made by the chosen pipeline."""
+    """Yield (view1, view2, crops) on the device, made by the chosen pipeline (crops: a multi-crop
+    augmentation's local crops, else empty)."""
     t = cfg.trainer
     if args.pipeline == "per_image":
+        if not hasattr(augment, "view1"):
+            sys.exit(f"bench.py: --pipeline=per_image needs a two-view augmentation, not {cfg.augmentation._target_}")
         ds = PerImageViews(data, per_image_transform(augment.view1, cfg.dataset.channels),
                            per_image_transform(augment.view2, cfg.dataset.channels))
         loader = torch.utils.data.DataLoader(ds, batch_size=t.batch_size, shuffle=True, drop_last=True,
@@ -86,11 +90,12 @@ def batches(args, cfg, data, augment, device, prec, epoch: int = 0):
                                              persistent_workers=t.workers > 0)
         while True:
             for v1, v2, _ in loader:
-                yield prec.to_device(v1), prec.to_device(v2)
+                yield prec.to_device(v1), prec.to_device(v2), ()
     g = torch.Generator(device=device).manual_seed(0)
     while True:
         for batch in iterate_batches(data, t.batch_size, t.seed, epoch, pin=device.type == "cuda"):
-            yield make_views(batch, augment, g, prec, cpu_views=False)[:2]
+            x1, x2, _, crops = make_views(batch, augment, g, prec, cpu_views=False)
+            yield x1, x2, crops
         epoch += 1
 
 
@@ -146,8 +151,9 @@ def setup(args, overrides: list[str]) -> SimpleNamespace:
         labels = torch.arange(t.batch_size, device=device) % 10
     method.train()
 
-    def step(v1, v2):
-        optimizer_step(model, v1, v2, labels, optimizer, scaler, prec)
+    def step(v1, v2, crops=()):
+        optimizer_step(model, v1, v2, labels, optimizer, scaler, prec, crops,
+                       functools.partial(method.before_optimizer_step, 0.5))
         method.on_step_end(0.5)
 
     base = {"pipeline": args.pipeline, "overrides": " ".join(overrides), "batch_size": t.batch_size,

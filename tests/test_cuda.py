@@ -85,10 +85,10 @@ def test_pinned_batches_cross_non_blocking_and_views_equal_the_cpu_ones():
     g_cuda = torch.Generator(device=dev).manual_seed(0)
     for pinned, plain in zip(batches, cpu_batches, strict=True):
         assert torch.equal(pinned[0], plain[0])
-        x1, x2, y = make_views(pinned, augment, g_cuda, Precision(dev, None, channels_last=True), cpu_views=False)
+        x1, x2, y, crops = make_views(pinned, augment, g_cuda, Precision(dev, None, channels_last=True), cpu_views=False)
         copied = Precision(dev, None, False).to_device(pinned[0])  # non-blocking from pinned memory
         torch.cuda.synchronize()
-        assert x1.device.type == "cuda" and x1.is_contiguous(memory_format=torch.channels_last)
+        assert crops == () and x1.device.type == "cuda" and x1.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(y.cpu(), plain[1]) and torch.equal(copied.cpu(), plain[0])
         assert x1.shape == (64, 1, 16, 16) and torch.isfinite(x1).all() and torch.isfinite(x2).all()
 
