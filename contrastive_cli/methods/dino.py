@@ -40,7 +40,11 @@ class DINOHead(nn.Module):
         g.requires_grad_(not norm_last_layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=1))
+        # the last layer in fp32: its outputs are cosines divided by temperatures down to 0.04, and
+        # bf16 autocast would round them to steps of 2^-8 first
+        z = F.normalize(self.mlp(x).float(), dim=1)
+        with torch.autocast(z.device.type, enabled=False):
+            return self.last_layer(z)
 
 
 class DINO(Method):

@@ -40,17 +40,23 @@ class SwAV(Method):
     def _normalize_prototypes(self) -> None:
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
+    def _scores(self, z: Tensor) -> Tensor:
+        """Cosines to the prototypes in fp32: under bf16 autocast they would be rounded to steps of
+        2^-8 before Sinkhorn's exp(s / 0.05) and the loss's division by 0.1."""
+        with torch.autocast(z.device.type, enabled=False):
+            return F.linear(z.float(), self.prototypes.weight.float())
+
     def training_step(self, x1: Tensor, x2: Tensor, labels: Tensor, crops: tuple[Tensor, ...] = ()) -> StepOutput:
         n = x1.shape[0]
         z = encode_groups(lambda x: F.normalize(self.projector(self.encoder(x)), dim=1), [x1, x2, *crops])
-        scores = [self.prototypes(v) for v in z]  # B x K each, cosines to the unit-norm prototypes
+        scores = [self._scores(v) for v in z]  # B x K each, cosines to the unit-norm prototypes
         with torch.no_grad():
             codes = []
             full = 0 < len(self.queue) <= self.queued  # used once filled, as in the paper's code
             for i in range(2):
                 s = scores[i].detach()
                 if full:
-                    s = torch.cat([self.prototypes(self.queue[:, i * z[i].shape[1]:(i + 1) * z[i].shape[1]]), s])
+                    s = torch.cat([self._scores(self.queue[:, i * z[i].shape[1]:(i + 1) * z[i].shape[1]]), s])
                 codes.append(sinkhorn(s, self.epsilon, self.sinkhorn_iters)[-n:])
             if len(self.queue):
                 enqueue(self.queue, self.queue_ptr, torch.cat([z[0], z[1]], 1).detach())
