@@ -58,7 +58,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(t: TrainerCfg, device: torch.device) -> Precision:
-    # auto: bf16 on CUDA, and on CPUs with native bf16, where it ran the step 1.6x faster at no
+    # auto: bf16 on CUDA, and on CPUs with native bf16, where it trained 1.7-1.8x faster at no
     # measured cost in k-NN or linear accuracy (docs/benchmarks.md, "bf16 against fp32")
     auto = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "fp32"
     name = t.precision if t.precision != "auto" else auto
