@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 METRIC_FIELDS = ("epoch", "step", "loss", "lr", "time", "emb_std", "neg_cos")
 
 
+def flush_denormals() -> None:
+    """Read and write denormal floats (below 1.2e-38) as zero on the CPU, in this thread and in the
+    threads it starts later: OpenMP's pool inherits the setting when it starts, so the earlier the
+    better. A matmul on denormal operands is several times slower on x86, and a softmax over many
+    logits makes them: after one Fashion-MNIST epoch CPC's step took 8.2 s instead of 1.7 s."""
+    torch.set_flush_denormal(True)
+
+
 def collapse_stats(z1: Tensor, z2: Tensor) -> Tensor:
     """[std of the L2-normalized embeddings per dimension, averaged over dimensions (about 1/sqrt(d)
     when healthy, 0 when collapsed); mean cosine similarity between views of different images]."""

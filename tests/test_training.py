@@ -127,3 +127,30 @@ def test_cpu_augmentation_in_workers_trains(tmp_path, fast_train):
     cfg = compose_cfg("train", [*fast_train, "trainer.epochs=1", "augmentation.on_device=false", "trainer.workers=2"])
     summary = run_training(cfg, tmp_path)
     assert summary["steps"] == 1347 // 128 and summary["final_loss"] > 0
+
+
+DENORMALS = """
+import sys, torch
+from hydra import compose, initialize_config_module
+if sys.argv[1] == "cl-train":  # what cl-train runs before any job: the checks, which load the data
+    from contrastive_cli.cli import _runtime_check
+    with initialize_config_module(config_module="contrastive_cli.configs", version_base="1.3"):
+        _runtime_check(compose(config_name="train"))
+x = torch.full((1 << 22,), 1e-39)  # a denormal float32; 4M of them are split over every OpenMP thread
+print(int((x * 2).count_nonzero()), torch.get_num_threads())
+"""
+
+
+def test_cl_train_reads_denormals_as_zero_in_every_cpu_thread():
+    # after a softmax over many logits (CPC's InfoNCE) the backward's matmuls run on denormal operands,
+    # several times slower on x86: cl-train flushes them, before OpenMP's threads start so they inherit it
+    import subprocess
+    import sys
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", DENORMALS, mode], capture_output=True, text=True, check=True)
+        return [int(v) for v in out.stdout.split()]
+
+    assert run("plain")[0] == 1 << 22  # the control: IEEE arithmetic keeps them
+    nonzero, threads = run("cl-train")
+    assert nonzero == 0, (nonzero, threads)

@@ -73,9 +73,10 @@ class Method(nn.Module, abc.ABC):
         return encoder
 
 
-def encode_groups(net: nn.Module, views: list[Tensor]) -> list[Tensor]:
+def encode_groups(net: nn.Module, views: list[Tensor], head: nn.Module | None = None) -> list[Tensor]:
     """`net` on every view, run once per image size (views of one size concatenated, then split back):
-    one pass for the global crops, one for the local ones."""
+    one pass for the global crops, one for the local ones. Then `head`, if given, once over every
+    view's features, as the papers' multi-crop wrapper: a batch-norm in the head sees all crops."""
     out: list[Tensor | None] = [None] * len(views)
     sizes = list(dict.fromkeys(v.shape[-2:] for v in views))
     for size in sizes:
@@ -83,7 +84,9 @@ def encode_groups(net: nn.Module, views: list[Tensor]) -> list[Tensor]:
         parts = net(torch.cat([views[i] for i in idx])).split([len(views[i]) for i in idx])
         for i, part in zip(idx, parts, strict=True):
             out[i] = part
-    return out
+    if head is None:
+        return out
+    return list(head(torch.cat(out)).split([len(v) for v in views]))
 
 
 def pair_labels(labels: Tensor, supervised: bool, n: int, device: torch.device) -> Tensor:

@@ -12,7 +12,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from ..distributed import all_reduce_sum, rank_and_world
 from ..errors import UserError, positive, probability
-from ..losses import dino_loss
+from ..losses import dino_loss, fp32
 from ..momentum import check_momentum, cosine_momentum, frozen_copy, update_ema
 from .base import Method, StepOutput, encode_groups
 
@@ -42,9 +42,7 @@ class DINOHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # the last layer in fp32: its outputs are cosines divided by temperatures down to 0.04, and
         # bf16 autocast would round them to steps of 2^-8 first
-        z = F.normalize(self.mlp(x).float(), dim=1)
-        with torch.autocast(z.device.type, enabled=False):
-            return self.last_layer(z)
+        return fp32(self.last_layer)(F.normalize(self.mlp(x).float(), dim=1))
 
 
 class DINO(Method):
@@ -82,7 +80,7 @@ class DINO(Method):
 
     def training_step(self, x1: Tensor, x2: Tensor, labels: Tensor, crops: tuple[Tensor, ...] = ()) -> StepOutput:
         views = [x1, x2, *crops]
-        student = encode_groups(lambda x: self.head(self.encoder(x)), views)  # the globals, then the locals
+        student = encode_groups(self.encoder, views, self.head)  # the globals, then the locals
         with torch.no_grad():
             teacher = self.teacher_head(self.teacher_encoder(torch.cat([x1, x2]))).chunk(2)
         loss = dino_loss(student, list(teacher), self.center, self.student_temp, self.temperature())
@@ -96,8 +94,10 @@ class DINO(Method):
         self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1 - self.center_momentum)
 
     def before_optimizer_step(self, progress: float) -> None:
-        if self.clip_grad:
-            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.clip_grad)
+        if self.clip_grad:  # per parameter, as the paper's code: each gradient's own norm at most clip_grad
+            for p in self.parameters():
+                if p.grad is not None:  # a tensor factor, not an `if`: no host sync on the GPU
+                    p.grad.mul_((self.clip_grad / (p.grad.norm() + 1e-6)).clamp(max=1.0))
         if progress < self.freeze_last_layer:  # the paper freezes it for the first epoch: less unstable
             for p in self.head.last_layer.parameters():
                 p.grad = None

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..errors import positive
 from ..heads import mlp
-from ..losses import sinkhorn, swav_loss
+from ..losses import fp32, sinkhorn, swav_loss
 from .base import Method, StepOutput, encode_groups, enqueue
 
 
@@ -43,12 +43,11 @@ class SwAV(Method):
     def _scores(self, z: Tensor) -> Tensor:
         """Cosines to the prototypes in fp32: under bf16 autocast they would be rounded to steps of
         2^-8 before Sinkhorn's exp(s / 0.05) and the loss's division by 0.1."""
-        with torch.autocast(z.device.type, enabled=False):
-            return F.linear(z.float(), self.prototypes.weight.float())
+        return fp32(F.linear)(z, self.prototypes.weight)
 
     def training_step(self, x1: Tensor, x2: Tensor, labels: Tensor, crops: tuple[Tensor, ...] = ()) -> StepOutput:
         n = x1.shape[0]
-        z = encode_groups(lambda x: F.normalize(self.projector(self.encoder(x)), dim=1), [x1, x2, *crops])
+        z = encode_groups(self.encoder, [x1, x2, *crops], lambda f: F.normalize(self.projector(f), dim=1))
         scores = [self._scores(v) for v in z]  # B x K each, cosines to the unit-norm prototypes
         with torch.no_grad():
             codes = []
