@@ -500,10 +500,8 @@ def train() -> None:
 
 
 def _runtime_check(cfg: DictConfig) -> None:
-    from .engine import flush_denormals
     from .train import runtime_check
 
-    flush_denormals()  # before the first torch work (loading the data), so OpenMP's threads inherit it
     runtime_check(cfg)
 
 

@@ -205,6 +205,9 @@ def _dry_build(cfg: DictConfig, batch_size: int) -> None:
     before any data is loaded (and before any job of a sweep starts)."""
     import torch
 
+    from .engine import flush_denormals
+
+    flush_denormals()  # a training process's first torch work is here: before OpenMP's threads start
     stand_in = torch.nn.Linear(1, 8)
     stand_in.feature_dim = 8
     method = build(cfg.method, "method")(encoder=stand_in)

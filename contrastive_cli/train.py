@@ -20,7 +20,7 @@ from torch import nn
 from . import checkpoint, distributed
 from .config import TrainerCfg, build, resolve_resume, run_settings, typed, validate_train
 from .data import TensorImages, num_batches
-from .engine import CollapseMonitor, Loop, Precision, TrainState, fit, flush_denormals
+from .engine import CollapseMonitor, Loop, Precision, TrainState, fit
 from .errors import Interrupted, UserError, check
 from .evaluate import extract_features, knn_top1, loss_png
 from .methods.base import Method
@@ -81,7 +81,6 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
     With trainer.resume, the checkpoint's own config is used (`config.resolve_resume`; `overrides`
     are the command line's, None compares all of `cfg` with it; `resumed`: its result, if the
     caller has it already)."""
-    flush_denormals()
     resume = resume_path = None
     if cfg.trainer.get("resume"):  # a bad path or a changed setting fails before any work
         cfg, resume_path, resume = resumed or resolve_resume(cfg, overrides)

@@ -35,7 +35,7 @@ from hydra import compose, initialize_config_module  # noqa: E402
 
 from contrastive_cli.config import build, validate_train  # noqa: E402
 from contrastive_cli.data import TensorImages, iterate_batches  # noqa: E402
-from contrastive_cli.engine import flush_denormals, make_views, optimizer_step  # noqa: E402
+from contrastive_cli.engine import make_views, optimizer_step  # noqa: E402
 from contrastive_cli.optim import build_optimizer  # noqa: E402
 from contrastive_cli.parts import build_model, resolve_device  # noqa: E402
 from contrastive_cli.train import resolve_precision, seed_everything  # noqa: E402
@@ -219,7 +219,6 @@ def main() -> None:
     ap.add_argument("--methods", default="", help="comma-separated methods: the step alone for each, and a table")
     ap.add_argument("--repeats", type=int, default=3, help="with --methods: rounds over the methods; the median is kept")
     args, overrides = ap.parse_known_args()
-    flush_denormals()  # as cl-train does, before any torch work
     if args.methods:
         method_steps(args, overrides)
     else:

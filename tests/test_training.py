@@ -132,10 +132,10 @@ def test_cpu_augmentation_in_workers_trains(tmp_path, fast_train):
 DENORMALS = """
 import sys, torch
 from hydra import compose, initialize_config_module
-if sys.argv[1] == "cl-train":  # what cl-train runs before any job: the checks, which load the data
-    from contrastive_cli.cli import _runtime_check
+if sys.argv[1] == "cl-train":  # cl-train's first torch work, in every job and in run_training: the config's checks
+    from contrastive_cli.config import validate_train_job
     with initialize_config_module(config_module="contrastive_cli.configs", version_base="1.3"):
-        _runtime_check(compose(config_name="train"))
+        validate_train_job(compose(config_name="train", overrides=["method=moco"]), [])
 x = torch.full((1 << 22,), 1e-39)  # a denormal float32; 4M of them are split over every OpenMP thread
 print(int((x * 2).count_nonzero()), torch.get_num_threads())
 """
