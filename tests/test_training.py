@@ -132,11 +132,16 @@ def test_cpu_augmentation_in_workers_trains(tmp_path, fast_train):
 DENORMALS = """
 import sys, torch
 from hydra import compose, initialize_config_module
+if sys.argv[1] == "late":  # OpenMP's threads start here, before the setting
+    (torch.ones(1 << 22) * 2).sum()
+    torch.set_flush_denormal(True)
 if sys.argv[1] == "cl-train":  # cl-train's first torch work, in every job and in run_training: the config's checks
     from contrastive_cli.config import validate_train_job
     with initialize_config_module(config_module="contrastive_cli.configs", version_base="1.3"):
         validate_train_job(compose(config_name="train", overrides=["method=moco"]), [])
-x = torch.full((1 << 22,), 1e-39)  # a denormal float32; 4M of them are split over every OpenMP thread
+# the smallest denormal float32, from its bits (no float conversion, which the setting would flush);
+# 4M of them: the product is split over every OpenMP thread, and a thread without the setting keeps them
+x = torch.ones(1 << 22, dtype=torch.int32).view(torch.float32)
 print(int((x * 2).count_nonzero()), torch.get_num_threads())
 """
 
@@ -154,3 +159,5 @@ def test_cl_train_reads_denormals_as_zero_in_every_cpu_thread():
     assert run("plain")[0] == 1 << 22  # the control: IEEE arithmetic keeps them
     nonzero, threads = run("cl-train")
     assert nonzero == 0, (nonzero, threads)
+    late, threads = run("late")  # set after the threads started, it reaches the calling thread only
+    assert 0 < late < 1 << 22 if threads > 1 else late == 0, (late, threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,8 @@ class Method(nn.Module, abc.ABC):
         return encoder
 
 
-def encode_groups(net: nn.Module, views: list[Tensor], head: nn.Module | None = None) -> list[Tensor]:
+def encode_groups(net: Callable[[Tensor], Tensor], views: list[Tensor],
+                  head: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
     """`net` on every view, run once per image size (views of one size concatenated, then split back):
     one pass for the global crops, one for the local ones. Then `head`, if given, once over every
     view's features, as the papers' multi-crop wrapper: a batch-norm in the head sees all crops."""
