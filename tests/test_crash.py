@@ -23,6 +23,9 @@ WRAPPER = r"""
 import io, os, signal, sys
 import torch
 from contrastive_cli import cli, engine
+# SIGINT as from a terminal: a process started in the background by a non-interactive shell (a CI
+# script's `&`) inherits SIGINT ignored, and Python then keeps it ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 mode, n = sys.argv[1], int(sys.argv[2])
 sys.argv = ["cl-train", *sys.argv[3:]]
 count = [0]
