@@ -173,7 +173,6 @@ def batch_info_nce(q: Tensor, k: Tensor, temperature: float, offset: int = 0) ->
 
 
 @fp32
-@fp32
 def nearest_neighbour(z: Tensor, support: Tensor) -> Tensor:
     """NNCLR's NN(z, Q): for each row of z, the most cosine-similar row of the support set Q
     (rows of Q are normalized). In fp32: bf16 autocast would round the cosines near 1 to steps of
