@@ -37,7 +37,7 @@ def payload_digest(payload: dict) -> str:
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous().reshape(-1)
             h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself: no copy of it
         elif isinstance(x, dict):
             h.update(b"{")
             for k in sorted(x, key=str):

@@ -112,7 +112,7 @@ class EvalPathsCfg:
     image_root: str | None = None  # None: the image folder stored in the checkpoint
 
 
-DATASET_KEYS = ("name", "image_size", "channels", "num_classes", "mean", "std", "source")
+DATASET_KEYS = ("name", "image_size", "channels", "num_classes", "mean", "std", "flip_p", "source")
 TRAIN_KEYS = ("method", "encoder", "dataset", "augmentation", "optimizer", "trainer", "schedule", "paths", "logger")
 EVAL_KEYS = ("checkpoint", "eval", "paths", "dataset")
 
@@ -203,16 +203,22 @@ def validate_train(cfg: DictConfig) -> tuple[TrainerCfg, ScheduleCfg]:
 def _dry_build(cfg: DictConfig, batch_size: int) -> None:
     """Build the method on a stand-in encoder, and the augmentation, so their range checks run
     before any data is loaded (and before any job of a sweep starts)."""
-    import torch
-
-    from .engine import flush_denormals
+    from .engine import flush_denormals, keep_freed_memory
 
     flush_denormals()  # a training process's first torch work is here: before OpenMP's threads start
-    stand_in = torch.nn.Linear(1, 8)
-    stand_in.feature_dim = 8
-    method = build(cfg.method, "method")(encoder=stand_in)
+    keep_freed_memory()
+    method = stand_in_method(cfg)
     method.check_batch_size(batch_size)
     method.check_views(getattr(build(cfg.augmentation, "augmentation"), "num_views", 2))
+
+
+def stand_in_method(cfg: DictConfig):
+    """The configured method built on a tiny stand-in encoder: its checks and properties without the model."""
+    import torch
+
+    stand_in = torch.nn.Linear(1, 8)
+    stand_in.feature_dim = 8
+    return build(cfg.method, "method")(encoder=stand_in)
 
 
 EMBED_KEYS = ("checkpoint", "input", "batch_size", "normalize", "neighbours", "queries", "num_queries", "seed",

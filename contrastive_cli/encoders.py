@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 
-import torchvision
 from torch import Tensor, nn
 
 from .errors import UserError, positive
@@ -42,6 +41,8 @@ class SmallCNN(nn.Module):
 def resnet(arch: str = "resnet18", in_channels: int = 3, image_size: int = 224, small_stem="auto") -> nn.Module:
     """A torchvision ResNet without its classifier. The small-image stem (3x3 conv1, stride 1, no
     max-pool; SimCLR appendix B.9) keeps 32 px inputs from shrinking to 1x1 before the last stage."""
+    import torchvision  # here, not at the top: its import (1.3 s) is most of a small_cnn run's start-up
+
     if arch not in RESNETS:
         raise UserError(f"encoder.arch={arch}: choose from {', '.join(RESNETS)}")
     positive("encoder.in_channels", in_channels, integer=True)

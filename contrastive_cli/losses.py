@@ -138,11 +138,17 @@ def barlow_twins(z1: Tensor, z2: Tensor, lambd: float = 5e-3, eps: float = 1e-5)
     """Barlow Twins (Zbontar et al. 2021, eq. 1): sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2, where C
     is the D x D cross-correlation of the two views' embeddings, each standardized over the batch
     (mean 0, biased std 1, as the paper's affine-free batch-norm does; eps as in BatchNorm1d)."""
-    n = z1.shape[0]
+    n, d = z1.shape
     a = (z1 - z1.mean(0)) / (z1.var(0, unbiased=False) + eps).sqrt()
     b = (z2 - z2.mean(0)) / (z2.var(0, unbiased=False) + eps).sqrt()
-    c = a.t() @ b / n
-    return (1 - c.diagonal()).pow(2).sum() + lambd * _off_diagonal(c).pow(2).sum()
+    if 2 * n >= d:
+        c = a.t() @ b / n
+        return (1 - c.diagonal()).pow(2).sum() + lambd * _off_diagonal(c).pow(2).sum()
+    # fewer samples than dimensions: sum_ij C_ij^2 = sum_kl (a a^T)_kl (b b^T)_kl / n^2 from the two N x N
+    # Gram matrices, without the D x D matrix (the 8192-wide head's took most of its step on a CPU)
+    diagonal = (a * b).sum(0) / n
+    everything = ((a @ a.t()) * (b @ b.t())).sum() / n**2
+    return (1 - diagonal).pow(2).sum() + lambd * (everything - diagonal.pow(2).sum())
 
 
 @fp32

@@ -13,17 +13,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import checkpoint, distributed
-from .config import TrainerCfg, build, resolve_resume, run_settings, typed, validate_train
+from .config import (
+    TrainerCfg,
+    build,
+    resolve_resume,
+    run_settings,
+    stand_in_method,
+    typed,
+    validate_train,
+)
 from .data import TensorImages, num_batches
 from .engine import CollapseMonitor, Loop, Precision, TrainState, fit
 from .errors import Interrupted, UserError, check
 from .evaluate import extract_features, knn_top1, loss_png
-from .methods.base import Method
+from .methods.base import Method, RunShape
 from .momentum import SplitBatchNorm2d
 from .optim import build_optimizer, lr_factors, warmup_cosine
 from .parts import build_model, resolve_device, unlabeled_message
@@ -42,8 +49,7 @@ def runtime_check(cfg: DictConfig) -> None:
     key = OmegaConf.to_yaml(cfg.dataset, resolve=True)
     if key not in _checked_data:
         _checked_data[key] = build(cfg.dataset.source, "dataset")
-    needs_labels = cfg.method.get("supervised", getattr(get_class(cfg.method._target_), "supervised", False))
-    check_data(cfg, t, _checked_data[key], t.devices, bool(needs_labels))
+    check_data(cfg, t, _checked_data[key], t.devices, stand_in_method(cfg))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -104,7 +110,11 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
     method.check_views(getattr(augment, "num_views", 2))
     splits = build(cfg.dataset.source, "dataset")
     train = splits.train
-    steps = check_data(cfg, t, splits, world, method.needs_labels)
+    steps = check_data(cfg, t, splits, world, method)
+    # derived from the config and the data alone: a resumed run derives the same
+    for line in [*getattr(augment, "notes", []), *method.adapt(RunShape(len(train), t.batch_size * world))]:
+        if rank == 0:
+            log.info(line)
 
     method.to(device)
     if augment.on_device:
@@ -173,6 +183,17 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
                       overrides if resume is not None else None, progress == "bar")
 
 
+def untrained_checkpoint(cfg: DictConfig, path: Path) -> Path:
+    """A checkpoint of the encoder as `cl-train` with this config starts it (seeded, before any step), for
+    cl-eval: the floor a trained encoder is judged against."""
+    seed_everything(typed("trainer", cfg.trainer, TrainerCfg).seed)
+    encoder = build_model(cfg)[0]
+    checkpoint.save_atomic({"config": OmegaConf.to_yaml(cfg, resolve=True), "epoch": 0, "step": 0, "history": [],
+                            "model": {}, "encoder": encoder.state_dict(), "optimizer": {}, "scheduler": {},
+                            "scaler": {}, "rng": checkpoint.rng_state()}, path)
+    return path
+
+
 def knn_score(encoder: nn.Module, splits, ds, device: torch.device, bars: bool = True) -> Callable[[], float]:
     """cl-eval's weighted k-NN (k=200, T=0.1) of the encoder's features on the held-out split, as
     the callable the loop runs every trainer.knn_every epochs (features in batches on the device,
@@ -196,14 +217,14 @@ def _choices() -> dict:
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra") and v is not None}
 
 
-def check_data(cfg: DictConfig, t: TrainerCfg, splits, world: int, needs_labels: bool) -> int:
+def check_data(cfg: DictConfig, t: TrainerCfg, splits, world: int, method: Method) -> int:
     """What can be checked on the loaded data before training: channels, labels where the method
     needs them, at least one batch per epoch. Returns the steps per epoch."""
     train = splits.train
     if isinstance(train, TensorImages):
         check(train.images.shape[1] == cfg.dataset.channels,
               f"dataset.channels={cfg.dataset.channels}: the images have {train.images.shape[1]}")
-    if needs_labels:  # checked up front: failing inside a DDP step would hang the other ranks
+    if method.needs_labels:  # checked up front: failing inside a DDP step would hang the other ranks
         labels = train.labels if isinstance(train.labels, torch.Tensor) else torch.tensor(train.labels)
         who, fix = (("method.supervised=true", " or supervised=false") if "supervised" in cfg.method
                     else (f"method {cfg.method._target_.rsplit('.', 1)[-1]}", ""))
@@ -211,8 +232,20 @@ def check_data(cfg: DictConfig, t: TrainerCfg, splits, world: int, needs_labels:
                                          f"unlabeled images; use a labeled split{fix}")
     steps = num_batches(train, t.batch_size, world=world)
     check(steps > 0, f"trainer.batch_size={t.batch_size}: x {world} process(es) is larger than the training set "
-                     f"({len(train)} images)")
+                     f"({len(train)} images); use trainer.batch_size<={largest_batch(len(train) // world, method)}")
     return steps
+
+
+def largest_batch(limit: int, method: Method) -> int:
+    """The largest batch size up to `limit` the method accepts (MoCo's split batch-norm needs a multiple
+    of its splits), or its minimum when none does."""
+    for size in range(limit, method.min_batch_size - 1, -1):
+        try:
+            method.check_batch_size(size)
+            return size
+        except UserError:
+            continue
+    return method.min_batch_size
 
 
 def _wrap(method: Method, t: TrainerCfg, world: int, device: torch.device):

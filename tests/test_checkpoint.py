@@ -159,3 +159,15 @@ def test_rng_state_round_trip(tmp_path):
     checkpoint.set_rng_state(checkpoint.load(tmp_path / "rng.pt")["rng"])  # through weights_only loading
     b = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_last_pt_of_a_large_model_waits_for_ten_times_its_writing_time():
+    from contrastive_cli.engine import last_due
+
+    # 10 MB: 0.05 s at 200 MB/s, under a second: after every epoch, however short
+    assert last_due(10_000_000, 0.0, final=False)
+    assert last_due(0, 0.0, final=False)  # none written yet
+    # 1.1 GB: 5.5 s to write; written once 55 s of training have passed since the last one
+    assert not last_due(1_100_000_000, 30.0, final=False)
+    assert last_due(1_100_000_000, 55.0, final=False)
+    assert last_due(1_100_000_000, 1.0, final=True)  # the last epoch, or one writing best.pt or epoch_NNNN.pt

@@ -23,7 +23,7 @@ def test_groups_have_the_documented_options():
     assert options("encoder") == ["resnet18", "resnet50", "small_cnn", "timm", "vit_tiny"]
     assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "mnist", "stl10"]
     assert options("augmentation") == ["byol", "grey", "multicrop", "simclr"]
-    assert options("optimizer") == ["adamw", "lars", "sgd"]
+    assert options("optimizer") == ["adamw", "lars", "lars_wide", "sgd"]
     assert options("logger") == ["csv", "tensorboard", "wandb"]
     assert "fashion_mnist_fast" in options("experiment")
 
@@ -57,7 +57,8 @@ def test_method_optimizer_augmentation_combinations_step(method, optimizer, augm
                                 "encoder.width=4"])
     enc = build(cfg.encoder, "encoder")
     model = build(cfg.method, "method")(encoder=enc)
-    if augmentation == "multicrop" and not model.multi_crop:  # refused before training: crops it would drop
+    if getattr(build(cfg.augmentation, "augmentation"), "num_views", 2) > 2 and not model.multi_crop:
+        # refused before training: crops it would drop (at 32 px multicrop makes none: local_crops=auto)
         with pytest.raises(UserError, match="uses two views"):
             validate_train(cfg)
         return
@@ -78,7 +79,10 @@ def test_method_optimizer_augmentation_combinations_step(method, optimizer, augm
 def test_barlow_twins_imagenet_preset_has_the_paper_projector():
     method = compose_cfg("train", ["method=barlow_twins_imagenet"]).method
     assert (method.proj_hidden_dim, method.proj_dim, method.proj_layers, method.lambd) == (8192, 8192, 3, 0.005)
-    assert method.scale_loss == 1.0  # the paper's loss, for LARS
+    cfg = compose_cfg("train", ["method=barlow_twins_imagenet"])
+    # LARS with a trust coefficient for 8192-wide layers: at the default 0.02 it ended below an untrained encoder
+    assert cfg.optimizer._target_.endswith("LARS") and cfg.optimizer.trust_coefficient == 0.002
+    assert compose_cfg("train", ["method=barlow_twins_imagenet", "optimizer=sgd"]).optimizer._target_ == "torch.optim.SGD"
 
 
 def test_configs_ship_inside_the_package():

@@ -82,7 +82,7 @@ def test_run_records_overrides_and_cl_eval_transfers_to_another_dataset(tmp_path
     summary = json.loads((ckpt.parent.parent / "summary.json").read_text())
     assert summary["overrides"] == args
     assert summary["settings"] == {"experiment": None, "method": "simclr", "encoder": "small_cnn", "dataset": "digits",
-                                   "optimizer": "sgd", "epochs": 1, "batch_size": 128, "lr": 0.06,
+                                   "optimizer": "lars", "epochs": 1, "batch_size": 128, "lr": 1.0,
                                    "temperature": 0.3, "precision": "auto", "seed": 3}
     write_mnist(tmp_path / "data" / "MNIST" / "raw", n_train=60, n_test=20, gz=False)
     proc = run_cli("cl-eval", f"checkpoint={ckpt}", "dataset=mnist", f"paths.data_dir={tmp_path / 'data'}",

@@ -224,81 +224,7 @@ def test_split_batch_norm_equals_one_batch_norm_per_chunk_and_keeps_the_layout(l
 
 
 # ------------------------------------------------------------------------- training on digits
-
-# A few epochs on the CPU. A random CNN is already a fair feature extractor on digits (k-NN about
-# 0.82 at k=200), so each method must do better than its own random initialisation, by the margin
-# given. BYOL needs far more steps than the contrastive methods: on digits its k=200 k-NN after 30
-# epochs sat between 0.820 and 0.836 against the random CNN's 0.818 (two seeds of the augmentation
-# stream), so its test only requires it not to fall below its random start.
-METHOD_RUNS = {
-    "simclr": (["trainer.epochs=8"], 0.02),
-    "moco": (["trainer.epochs=8", "method.queue_size=1024"], 0.02),  # a queue below the 1,347 images
-    "byol": (["trainer.epochs=30"], -0.005),
-    "contrastive_margin": (["trainer.epochs=8"], 0.02),
-    "triplet": (["trainer.epochs=8"], 0.02),
-    "simsiam": (["trainer.epochs=16", "optimizer.lr=0.1"], 0.02),  # learns slower: 8 epochs at 0.06 gave +0.007
-    "barlow_twins": (["trainer.epochs=24"], 0.02),  # slow starter too: 0.822 after 8 epochs at scale_loss 0.005
-    "vicreg": (["trainer.epochs=8"], 0.02),
-    "moco_v3": (["trainer.epochs=8"], 0.02),
-    # a support set below the 1,347 images; NNCLR's k-NN moves by +-0.02 from run to run here (8 epochs: 0.842
-    # in fp32, 0.809 in bf16, both learning alike; 12 epochs at lr 0.1 in bf16: 0.840)
-    "nnclr": (["trainer.epochs=12", "method.queue_size=1024", "optimizer.lr=0.1"], 0.01),
-    "supcon": (["trainer.epochs=16"], 0.02),  # BN-free head: 0.820 after 8 epochs, 0.909 after 16 (random 0.818)
-    "dcl": (["trainer.epochs=8"], 0.02),
-    # DINO and SwAV learn little in a few digits epochs. DINO (lr 0.02, 5 epochs): k-NN 0.860 against the random
-    # CNN's 0.818, but its head's softmax goes uniform (loss near ln 1024) and the monitor rightly fires; neither
-    # teacher momentum 0.9, 256 outputs, a free last-layer norm, lr 0.06 nor 10 epochs avoided that (0.844-0.862).
-    # SwAV at lr 0.005, 4 epochs: at T 0.2, 0.847 / 0.851 / 0.849 for seeds 0 / 1 / 2; at the paper's T 0.1,
-    # 0.820 / 0.851 / 0.860. Higher lr, longer runs or a queue with 30 prototypes concentrate its embeddings
-    # (mean cosine 0.9 between images) and fall to the random CNN's level (0.74-0.81)
-    "dino": (["trainer.epochs=5", "optimizer.lr=0.02"], 0.02),
-    "swav": (["trainer.epochs=4", "optimizer.lr=0.005", "method.temperature=0.2"], 0.02),
-    # CPC is compared with its own random start pooled over the patch grid (k-NN 0.571: a random CNN on 8 px
-    # patches is a weak extractor); AdamW, as CPC v2: SGD at lr 0.06 drove the loss above log N (0.467 after 4 epochs)
-    "cpc": (["trainer.epochs=5", "optimizer=adamw"], 0.02),
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(METHOD_RUNS))
-def test_method_trains_on_digits_and_beats_random_encoder(method, tmp_path):
-    import copy
-
-    from conftest import compose_cfg
-
-    from contrastive_cli import checkpoint
-    from contrastive_cli.evaluate import run_evaluation
-    from contrastive_cli.parts import build_model
-    from contrastive_cli.train import run_training, seed_everything
-
-    overrides, margin = METHOD_RUNS[method]
-    cfg = compose_cfg("train", [f"method={method}", "trainer.batch_size=128", *overrides])
-    seed_everything(0)
-    random_encoder = copy.deepcopy(build_model(cfg)[0])
-    summary = run_training(cfg, tmp_path / "run")
-    history = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["history"]
-    losses = [r["loss"] for r in history]
-    # epoch 1 is skipped: MoCo's first losses are against a queue of random keys
-    assert losses[-1] < losses[1], losses
-    # MoCo's embeddings of different images sit at cosine 0.99 in these 80 steps (a queue of keys from a
-    # barely trained encoder), and so do SupCon's (its BN-free head, as in the paper's code, keeps a large
-    # shared direction in the raw projections, 0.988 here; the loss sees them normalized): the neg_cos
-    # warning is right to fire for both, and only the neg_cos one may
-    monitor = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["monitor"]
-    if method != "dino":  # DINO's head collapses here (see METHOD_RUNS): both warnings are right to fire
-        assert not monitor["warned"] and (not monitor["warned_cos"] or method in ("moco", "supcon"))
-    ckpt_path = tmp_path / "run" / "checkpoints" / "last.pt"
-    random_path = tmp_path / "random.pt"
-    ckpt = checkpoint.load(ckpt_path)
-    checkpoint.save_atomic({**{k: v for k, v in ckpt.items() if k != "format"}, "encoder": random_encoder.state_dict()},
-                           random_path)
-    results = {}
-    for name, path in (("trained", ckpt_path), ("random", random_path)):  # cl-eval's own code path
-        out = tmp_path / f"eval_{name}"
-        out.mkdir()
-        results[name] = run_evaluation(compose_cfg("eval", [f"checkpoint={path}", "eval.tsne_samples=0"]), out)
-    assert results["trained"]["knn_top1"] > results["random"]["knn_top1"] + margin, results
-    assert summary["knn_top1"] == pytest.approx(results["trained"]["knn_top1"], abs=1e-3)
+# Every method at its defaults trains and beats the untrained encoder in tests/test_defaults.py.
 
 
 @pytest.mark.slow
@@ -312,8 +238,10 @@ def test_collapse_monitor_catches_byol_without_predictor(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         summary = run_training(cfg, tmp_path)
     assert summary["collapse_warning"]
-    warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
-    assert len(warnings) == 1 and "predictor" in warnings[0]
+    # the embeddings sink to one direction: the neg_cos warning (under SGD the std one fired first); once each
+    warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage() or "look alike" in r.getMessage()]
+    assert 1 <= len(warnings) <= 2 and len(set(w[:40] for w in warnings)) == len(warnings)
+    assert all("predictor" in w for w in warnings)
 
 
 def test_supervised_triplet_without_any_negative_is_zero_not_wrong():

@@ -97,6 +97,22 @@ def test_barlow_twins_hand_checked_and_loop():
     assert L.barlow_twins(z1, z1, 5e-3).item() < L.barlow_twins(z1, z2, 5e-3).item()
 
 
+def test_barlow_twins_with_fewer_samples_than_dimensions_is_the_same_formula():
+    # 2N < D: the sum of squared correlations comes from the N x N Gram matrices; value and gradients are
+    # those of the D x D cross-correlation matrix
+    z1, z2 = rand(4, 16).requires_grad_(), rand(4, 16, seed=1)
+    loss = L.barlow_twins(z1, z2, 5e-3)
+    assert loss.item() == pytest.approx(barlow_loop(z1.detach(), z2, 5e-3), rel=1e-5)
+    loss.backward()
+    ref = z1.detach().clone().requires_grad_()
+    a = (ref - ref.mean(0)) / (ref.var(0, unbiased=False) + 1e-5).sqrt()
+    b = (z2 - z2.mean(0)) / (z2.var(0, unbiased=False) + 1e-5).sqrt()
+    c = a.t() @ b / 4
+    eye = torch.eye(16, dtype=torch.bool)
+    ((1 - c[eye]).pow(2).sum() + 5e-3 * c[~eye].pow(2).sum()).backward()
+    torch.testing.assert_close(z1.grad, ref.grad, rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ VICReg
 
 def vicreg_loop(z1, z2, sim=25.0, var=25.0, cov=1.0, eps=1e-4):

@@ -35,7 +35,7 @@ def multicrop(**kw):
 
 
 def test_multicrop_shapes_and_every_sample_draws_its_own_crop():
-    aug = multicrop()
+    aug = multicrop(local_crops=6)  # auto makes none at 32 px
     x = torch.randint(0, 256, (1, 1, 32, 32), dtype=torch.uint8).repeat(5, 1, 1, 1)  # one image, 5 times
     views = aug(x, torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in views] == [(5, 1, 32, 32)] * 2 + [(5, 1, 13, 13)] * 6  # 0.4 x 32 px
@@ -61,7 +61,9 @@ def test_multicrop_views_come_from_the_dataloader_workers_too():
 
 def pinned_simclr_losses(cpu_views: bool) -> list[float]:
     """Three SGD steps of SimCLR on digits through make_views and optimizer_step, as the loop runs them."""
-    cfg = compose_cfg("train", ["method=simclr", "encoder.width=4", "method.proj_hidden_dim=16", "method.proj_dim=8"])
+    # dataset.flip_p=0.5: the pinned losses were computed when digits' views were flipped too
+    cfg = compose_cfg("train", ["method=simclr", "encoder.width=4", "method.proj_hidden_dim=16", "method.proj_dim=8",
+                                "dataset.flip_p=0.5"])
     seed_everything(0)
     _, method = build_model(cfg)
     augment = build(cfg.augmentation, "augmentation")
@@ -87,9 +89,19 @@ def test_two_view_methods_give_the_losses_they_gave_before_multi_crop():
 @pytest.mark.parametrize("method", ["simclr", "byol", "cpc"])
 def test_two_view_method_with_multicrop_is_one_line_error(method):
     with pytest.raises(UserError, match=r"uses two views; this augmentation makes 6 local crops") as e:
-        validate_train(compose_cfg("train", [f"method={method}", "augmentation=multicrop"]))
+        validate_train(compose_cfg("train", [f"method={method}", "augmentation=multicrop", "augmentation.local_crops=6"]))
     assert "\n" not in str(e.value)
     validate_train(compose_cfg("train", [f"method={method}", "augmentation=multicrop", "augmentation.local_crops=0"]))
+    validate_train(compose_cfg("train", [f"method={method}", "augmentation=multicrop"]))  # auto: none at 32 px
+
+
+@pytest.mark.parametrize(("size", "crops"), [(28, 0), (32, 0), (40, 6), (96, 6)])
+def test_local_crops_auto_makes_them_only_where_they_are_16_px_or_more(size, crops):
+    aug = build(compose_cfg("train", ["method=dino", f"dataset.image_size={size}"]).augmentation, "augmentation")
+    assert aug.num_views == 2 + crops and aug.local.size == round(0.4 * size)
+    assert len(aug.notes) == (crops == 0)  # the run's log says why there are none
+    if not crops:
+        assert f"0.4 of {size} px is {round(0.4 * size)} px, under 16 px" in aug.notes[0]
 
 
 def test_method_yaml_picks_multicrop_and_the_command_line_wins():

@@ -2,7 +2,9 @@
 each image is cut into an overlapping grid of patches, every patch is encoded, a masked convolutional
 context network reads the grid top to bottom, and one linear map per k predicts the patch features
 k rows below the context; InfoNCE scores each prediction against the patch features of every
-position of every image in the batch. InfoNCE is CPC's bound: I(x; c) >= log N - L_N.
+position of every image in its group of `group_size` images of the batch (0: the whole batch). InfoNCE
+is CPC's bound: I(x; c) >= log N - L_N, N the group's patches. Groups, because scoring every patch of a
+256-image batch against every other (12,544 x 12,544 at 32 px) took 80% of the step.
 
 Views: CPC needs one image, so only view 1 (augmented) is read; view 2 is left unused (a second
 loss on it doubled the step's time on a CPU). The collapse monitor gets the pooled features of the
@@ -67,13 +69,14 @@ class CausalConv(nn.Conv2d):
 
 class CPC(Method):
     def __init__(self, encoder: nn.Module, image_size: int = 32, patch_size: int = 8, stride: int = 4,
-                 context_dim: int = 256, context_layers: int = 3, steps: int = 2):
+                 context_dim: int = 256, context_layers: int = 3, steps: int = 2, group_size: int = 32):
         grid = PatchGrid(encoder, patch_size, stride)
         super().__init__(grid)
         self.side = grid.side(positive("dataset.image_size", image_size, integer=True))
         self.steps = positive("method.steps", steps, integer=True)
         if self.steps >= self.side:
             raise UserError(f"method.steps={steps}: the grid has {self.side} rows; predict at most {self.side - 1} ahead")
+        self.group_size = positive("method.group_size", group_size, integer=True, strict=False)
         positive("method.context_dim", context_dim, integer=True)
         positive("method.context_layers", context_layers, integer=True)
         d = encoder.feature_dim
@@ -88,9 +91,15 @@ class CPC(Method):
         return PatchGrid(encoder, method_cfg.get("patch_size", 8), method_cfg.get("stride", 4))
 
     def loss_of(self, f: Tensor) -> Tensor:
-        """InfoNCE of one view's features f (B x D x G x G), averaged over k = 1..K."""
-        b, d, g, _ = f.shape
+        """InfoNCE of one view's features f (B x D x G x G), averaged over k = 1..K and over groups of
+        `group_size` images, each prediction scored against every patch of its group."""
         c = self.context(f)  # B x H x G x G, row r from rows <= r
+        size = self.group_size or len(f)
+        losses = [self._group_loss(fg, cg) for fg, cg in zip(f.split(size), c.split(size), strict=True)]
+        return torch.stack(losses).mean()
+
+    def _group_loss(self, f: Tensor, c: Tensor) -> Tensor:
+        b, d, g, _ = f.shape
         keys = f.permute(0, 2, 3, 1).reshape(-1, d)  # every patch of every image: (b, row, col) order
         index = torch.arange(b * g * g, device=f.device).view(b, g, g)
         losses = []

@@ -12,7 +12,7 @@ from ..errors import UserError, positive
 from ..heads import mlp
 from ..losses import info_nce
 from ..momentum import check_momentum, cosine_momentum, frozen_copy, split_batch_norm, update_ema
-from .base import Method, StepOutput, enqueue
+from .base import Method, RunShape, StepOutput, enqueue
 
 
 class MoCo(Method):
@@ -36,6 +36,10 @@ class MoCo(Method):
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))  # K x D
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.min_batch_size = max(2, bn_splits)
+
+    def adapt(self, run: RunShape) -> list[str]:
+        per_image = 2 if self.symmetric else 1
+        return self.cap_queue(run, per_image, f"MoCo's queue holds {per_image} key(s) per image and step")
 
     def check_batch_size(self, batch_size: int) -> None:
         super().check_batch_size(batch_size)

@@ -12,7 +12,7 @@ from ..distributed import gather, gather_with_grad, rank_and_world
 from ..errors import positive
 from ..heads import mlp
 from ..losses import nearest_neighbour, nnclr
-from .base import Method, StepOutput, enqueue
+from .base import Method, RunShape, StepOutput, enqueue
 
 
 class NNCLR(Method):
@@ -27,6 +27,9 @@ class NNCLR(Method):
         # the support set starts as random unit vectors and fills with view-1 embeddings, oldest out first
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))  # K x D
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def adapt(self, run: RunShape) -> list[str]:
+        return self.cap_queue(run, 1, "NNCLR's support set holds one embedding per image and step")
 
     def training_step(self, x1: Tensor, x2: Tensor, labels: Tensor) -> StepOutput:
         n = x1.shape[0]

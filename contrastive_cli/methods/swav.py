@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..errors import positive
 from ..heads import mlp
 from ..losses import fp32, sinkhorn, swav_loss
-from .base import Method, StepOutput, encode_groups, enqueue
+from .base import Method, RunShape, StepOutput, encode_groups, enqueue
 
 
 class SwAV(Method):
@@ -35,6 +35,9 @@ class SwAV(Method):
         self.register_buffer("queue", torch.zeros(queue_size, 2 * proj_dim))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.steps = self.queued = 0  # steps taken, embeddings queued: counted here to need no host sync
+
+    def adapt(self, run: RunShape) -> list[str]:
+        return self.cap_queue(run, 1, "SwAV's queue holds the global crops' embeddings of one image per row and step")
 
     @torch.no_grad()
     def _normalize_prototypes(self) -> None:
