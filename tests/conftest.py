@@ -20,11 +20,40 @@ def compose_cfg(config_name: str = "train", overrides: list[str] | None = None):
         return compose(config_name=config_name, overrides=overrides or [])
 
 
+def cli_env() -> dict:
+    """A user's shell environment: no Python warnings, Hydra's short error output."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
 def run_cli(prog: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `cl-train` / `cl-eval` exactly as typed in a shell, from `cwd`."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": ""}
-    env.pop("HYDRA_FULL_ERROR")
-    return subprocess.run([str(BIN / prog), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([str(BIN / prog), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=cli_env())
+
+
+BACKGROUND = pytest.StashKey[dict]()  # a module's __name__ -> (its folder, its processes)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """A test module may define `start_in_background(root) -> [Popen]` for work that takes minutes (the
+    defaults sweep of test_defaults.py trains every method): it starts here, before the first test, and
+    the module's tests run last, so that work takes the CPU the other tests leave idle (their start-ups,
+    file I/O, waits on child processes). The module's fixtures find the process in `BACKGROUND`."""
+    late = {item.module for item in items if hasattr(item.module, "start_in_background")}
+    items.sort(key=lambda item: item.module in late)  # stable: the order within each part is kept
+    folders = {m.__name__: config._tmp_path_factory.mktemp(m.__name__) for m in late}
+    config.stash[BACKGROUND] = {m.__name__: (folders[m.__name__], m.start_in_background(folders[m.__name__]))
+                                for m in late}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for _, procs in session.config.stash.get(BACKGROUND, {}).values():  # a session stopped early leaves none
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

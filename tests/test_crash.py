@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import BIN, error_lines, run_cli
 
-FAST = ["trainer.epochs=3", "trainer.batch_size=64", "encoder.width=8", "method.proj_hidden_dim=32",
+FAST = ["trainer.epochs=3", "trainer.batch_size=64", "dataset.image_size=16", "encoder.width=8", "method.proj_hidden_dim=32",
         "method.proj_dim=16", "trainer.knn_monitor=false", "trainer.log_every=5"]
 STEPS = 1347 // 64  # per epoch
 METHODS = {"simclr": ["method=simclr"], "moco": ["method=moco", "method.queue_size=256"]}

@@ -104,10 +104,11 @@ RESUME_CASES = [
     ("sgd", "fp32", "triplet", "method.mining=random", "augmentation.on_device=false", "trainer.workers=1"),
     # multi-crop: gradients clipped after the scaler's unscale, the last layer frozen across the cut (progress
     # 0.65 < 0.7), the teacher's temperature from the checkpoint; SwAV's queue and frozen prototypes across the
-    # cut (its step count from the checkpoint), local crops made in DataLoader workers
-    ("sgd", "fp16", "dino", "method.freeze_last_layer=0.7"),
+    # cut (its step count from the checkpoint), local crops made in DataLoader workers. Two local crops of 8 px
+    # (`auto` makes none this small, and two take the local crops' path as six do)
+    ("sgd", "fp16", "dino", "method.freeze_last_layer=0.7", "augmentation.local_crops=2", "augmentation.local_size=0.5"),
     ("sgd", "fp32", "swav", "method.queue_size=256", "method.freeze_prototypes=15", "augmentation.on_device=false",
-     "trainer.workers=1"),
+     "trainer.workers=1", "augmentation.local_crops=2", "augmentation.local_size=0.5"),
 ]
 
 
@@ -120,7 +121,8 @@ def test_resume_restores_every_optimizer_precision_and_method_exactly(tmp_path, 
              "dino": ["method.hidden_dim=32", "method.bottleneck_dim=16", "method.out_dim=64"],
              "swav": ["method.proj_hidden_dim=32", "method.proj_dim=16", "method.num_prototypes=20"]}
     ov = [f"method={method}", f"optimizer={optimizer}", f"trainer.precision={precision}", "trainer.epochs=2",
-          "trainer.batch_size=128", "encoder.width=8", "trainer.knn_monitor=false", "trainer.seed=7",
+          # 16 px: what is checked is the state across the cut, and fp16 steps slowly on a CPU (emulated)
+          "dataset.image_size=16", "trainer.batch_size=128", "encoder.width=8", "trainer.knn_monitor=false", "trainer.seed=7",
           "schedule.warmup_epochs=1", *heads.get(method, []), *extra]
     run_training(compose_cfg("train", ov), tmp_path / "straight")
     interrupted_run(ov, tmp_path / "cut", at_step=13, monkeypatch=monkeypatch)  # epoch 2, batch 3 of 10
@@ -255,7 +257,9 @@ BAD_SWEEPS = [
     (["method=glob(*)", "trainer.batch_size=260"], "trainer.batch_size=260: must be a multiple"),
     (["method=glob(simclr2*)"], "method=glob(simclr2*): the sweep selects no value"),
     (["trainer.seed=0,1", "dataset=fashion_mnist,cifar10", "paths.data_dir=nowhere", "dataset.source.download=false"], "dataset cifar10 not found"),
-    (["trainer.batch_size=128,4096"], "trainer.batch_size=4096: x 1 process(es) is larger than the training set"),
+    (["trainer.batch_size=128,4096"], "trainer.batch_size=4096: x 1 process(es) is larger than the training set "
+                                      "(1347 images); use trainer.batch_size<=1347"),
+    (["method=moco", "trainer.batch_size=2048"], "use trainer.batch_size<=1344"),  # a multiple of its 8 BN splits
 ]
 
 
