@@ -88,3 +88,10 @@ def test_barlow_twins_imagenet_preset_has_the_paper_projector():
 def test_configs_ship_inside_the_package():
     root = resources.files("contrastive_cli.configs")
     assert root.joinpath("train.yaml").is_file() and root.joinpath("eval.yaml").is_file()
+
+
+def test_a_method_picks_the_optimizer_it_needs_and_the_command_line_wins():
+    assert compose_cfg("train", []).optimizer._target_ == "contrastive_cli.optim.LARS"  # every other method's
+    assert compose_cfg("train", ["method=cpc"]).optimizer._target_ == "torch.optim.AdamW"  # CPC v2 trains with Adam
+    assert compose_cfg("train", ["method=cpc", "optimizer=sgd"]).optimizer._target_ == "torch.optim.SGD"
+    assert compose_cfg("train", ["optimizer=sgd", "method=cpc"]).optimizer._target_ == "torch.optim.SGD"
