@@ -66,8 +66,7 @@ def default_runs(request) -> dict:
     stderr = []
     for i, sweep in enumerate(sweeps):
         sweep.wait(timeout=3600)
-        stderr += error_lines(subprocess.CompletedProcess(sweep.args, sweep.returncode, "",
-                                                          (root / f"train{i}.stderr").read_text()))[-20:]
+        stderr += [ln for ln in (root / f"train{i}.stderr").read_text().splitlines() if ln.strip()][-20:]
     runs = {}
     for path in root.glob("train*/*/summary.json"):
         summary = json.loads(path.read_text())
@@ -85,17 +84,16 @@ def default_runs(request) -> dict:
 def floors(tmp_path_factory) -> dict:
     """cl-eval's k-NN of the untrained encoder, per kind of evaluation encoder (CPC scores features pooled
     over its patch grid; every other method the encoder itself), from the seed every run starts from."""
-    root, found = tmp_path_factory.mktemp("floors"), {}
+    root, found, kinds = tmp_path_factory.mktemp("floors"), {}, {}
     for method in METHODS:
         cfg = compose_cfg("train", [f"method={method}"])
-        kind = get_class(cfg.method._target_).eval_encoder.__qualname__
+        kind = kinds[method] = get_class(cfg.method._target_).eval_encoder.__qualname__
         if kind not in found:
             out = root / method
             out.mkdir()
             path = untrained_checkpoint(cfg, out / "untrained.pt")
             found[kind] = run_evaluation(compose_cfg("eval", [f"checkpoint={path}", "eval.tsne_samples=0"]), out)
-    return {m: found[get_class(compose_cfg("train", [f"method={m}"]).method._target_).eval_encoder.__qualname__]
-            for m in METHODS}
+    return {m: found[kinds[m]] for m in METHODS}
 
 
 @pytest.mark.slow
