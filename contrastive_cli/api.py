@@ -79,8 +79,9 @@ class Preprocess:
         return normalize(self.to_uint8(images).to(self.device), self.mean, self.std)
 
 
-def encoder_from_checkpoint(ckpt: dict) -> tuple[nn.Module, OmegaConf]:
-    """The checkpoint's encoder (weights loaded, eval mode, CPU) and its training config."""
+def encoder_from_checkpoint(ckpt: dict, source: str | Path = "the checkpoint") -> tuple[nn.Module, OmegaConf]:
+    """The checkpoint's encoder (weights loaded, eval mode, CPU) and its training config; refused in one
+    line naming `source` when its features on a probe batch are not finite (weights of a diverged run)."""
     from hydra.utils import get_class
 
     from .config import build
@@ -89,15 +90,39 @@ def encoder_from_checkpoint(ckpt: dict) -> tuple[nn.Module, OmegaConf]:
     # the method may wrap the encoder for evaluation (CPC: patches in, features pooled over the grid)
     encoder = get_class(cfg.method._target_).eval_encoder(build(cfg.encoder, "encoder"), cfg.method)
     encoder.load_state_dict(ckpt["encoder"])
-    return encoder.eval(), cfg
+    encoder.eval()
+    ds = cfg.dataset
+    with torch.no_grad():
+        check_features(encoder(probe_batch(ds.image_size, ds.channels, ds.mean, ds.std)), source, "a probe batch")
+    return encoder, cfg
 
 
-def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Preprocess]:
+@torch.no_grad()
+def probe_batch(size: int, channels: int, mean, std, n: int = 4) -> Tensor:
+    """n normalized images of seeded noise (the first one mid-gray): features of sane weights are finite
+    on them; a diverged encoder's are not."""
+    x = torch.randint(0, 256, (n, int(channels), int(size), int(size)), generator=torch.Generator().manual_seed(0),
+                      dtype=torch.uint8)
+    x[0] = 128
+    return normalize(x, mean, std)
+
+
+def check_features(feats: Tensor, source: str | Path, what: str) -> None:
+    bad = int((~torch.isfinite(feats)).flatten(1).any(1).sum()) if feats.ndim > 1 else int(~torch.isfinite(feats).all())
+    if bad:
+        raise UserError(f"{source}: its encoder gives non-finite features (nan/inf) on {bad} of {len(feats)} images of "
+                        f"{what}: its weights are broken (a run that diverged?); use an earlier checkpoint of that run")
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu",
+                 trainable: bool = False) -> tuple[nn.Module, Preprocess]:
     """The encoder of a cl-train checkpoint (`nn.Module` in eval mode on `device`; features before
-    any projector, as cl-eval uses them) and the preprocess function for its inputs."""
+    any projector, as cl-eval uses them) and the preprocess function for its inputs. Its parameters
+    track gradients only with `trainable=True` (fine-tuning); otherwise `encoder(x).numpy()` works."""
     from . import checkpoint
 
-    encoder, cfg = encoder_from_checkpoint(checkpoint.load(path))
+    encoder, cfg = encoder_from_checkpoint(checkpoint.load(path), path)
+    encoder.requires_grad_(trainable)
     ds = cfg.dataset
     device = torch.device(device)
     return encoder.to(device), Preprocess(ds.image_size, ds.channels, ds.mean, ds.std, device)

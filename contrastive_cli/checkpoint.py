@@ -8,9 +8,11 @@ import logging
 import os
 import random
 import re
+import shutil
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,28 +66,56 @@ def non_finite(state: dict) -> str | None:
     return None
 
 
-def save_atomic(payload: dict, path: str | Path) -> None:
+def save_atomic(payload: dict, path: str | Path, *also: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a crash leaves either the
     old file or the new one, never a torn one. The temporary name holds host and pid, so a later
-    start can tell an orphan of a killed save from a save in progress (`remove_orphans`)."""
+    start can tell an orphan of a killed save from a save in progress (`remove_orphans`). `also`:
+    further names for the same record (an epoch that is both `last.pt` and `epoch_NNNN.pt`), hard
+    links where the file system has them, so the bytes are on disk once."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"format": FORMAT, **payload}
     record["checksum"] = payload_digest(payload)
+    _write_then_rename(path, lambda f: torch.save(record, f))
+    for other in map(Path, also):
+        _write_then_rename(other, None, source=path)
+
+
+def _write_then_rename(path: Path, write, source: Path | None = None) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it 0600; a checkpoint is as readable as any output
-        with os.fdopen(fd, "wb") as f:
-            torch.save(record, f)
-            f.flush()
-            os.fsync(f.fileno())
+        if source is not None:
+            try:  # never rewritten in place (always replaced by a rename), so sharing the inode is safe
+                os.close(fd)
+                os.replace(_linked(source, path.parent), tmp)
+            except OSError:  # no hard links here (some network and FAT file systems): a copy
+                with open(source, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+        else:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):  # disk full, folder gone or read-only: the old file is untouched
+        # torch's zip writer turns a full disk into RuntimeError("... unexpected pos ...") raised
+        # while handling the OSError: report the OSError
+        cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
+        if cause is not None:  # disk full, folder gone or read-only: the old file is untouched
             kept = " (the previous checkpoint there is kept)" if path.exists() else ""
-            raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
+            raise UserError(f"cannot write checkpoint {path}: {cause.strerror or cause}{kept}") from None
         raise
+
+
+def _linked(source: Path, folder: Path) -> str:
+    """A fresh hard link to `source` in `folder` (os.link cannot overwrite, hence a new name)."""
+    name = folder / f".{source.name}.{_HOST}.{os.getpid()}.{random.getrandbits(32):08x}-link.tmp"  # as mkstemp's
+    os.link(source, name)
+    return str(name)
 
 
 def remove_orphans(folder: str | Path, max_age_s: float = 3600.0) -> list[Path]:
@@ -125,6 +155,24 @@ def _short(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
+def _what_file(p: Path, e: Exception) -> str:
+    """What a file that torch.load refused is, in words (torch's own reason for a text file is '105')."""
+    with open(p, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        reason = _short(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
+        return f"a truncated or damaged torch file: {reason}"
+    if head.startswith(b"\x80"):
+        return "a Python pickle that is not a torch checkpoint, or is truncated"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"not a torch file (it starts with bytes {head[:4].hex(' ')})"
+    return f"a text file, starting {_short(text, 40)!r}" if text.isprintable() or "\n" in text else "not a torch file"
+
+
 def load(path: str | Path, key: str = "checkpoint") -> dict:
     """Load a checkpoint written by cl-train, or raise a one-line UserError saying what is wrong."""
     p = Path(str(path)).expanduser()
@@ -133,10 +181,11 @@ def load(path: str | Path, key: str = "checkpoint") -> dict:
     if not p.is_file():
         raise UserError(f"{key}={path}: is a folder, not a checkpoint file (try {p / 'checkpoints' / 'last.pt'})")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings (legacy pickles ...) would precede the one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for torn or foreign files
-        reason = _short(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
-        raise UserError(f"{key}={path}: not a readable cl-train checkpoint (truncated or foreign file: {reason})") from None
+        raise UserError(f"{key}={path}: not a readable cl-train checkpoint ({_what_file(p, e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (FORMAT, *OLD_FORMATS):
         raise UserError(f"{key}={path}: not a cl-train checkpoint (format {FORMAT} expected)")
     missing = [k for k in REQUIRED if k not in ckpt]
@@ -188,6 +237,27 @@ def locate(path: str | Path, key: str = "trainer.resume") -> tuple[Path, dict]:
     if p.is_dir():
         raise UserError(f"{key}={path}: a folder without checkpoints/ inside (give a run folder or a .pt file)")
     return p, load(p, key)
+
+
+def for_use(path: str | Path, key: str = "checkpoint") -> tuple[Path, dict]:
+    """What cl-eval, cl-embed and cl-export read: a .pt file, or a run folder's best.pt (the best
+    online k-NN, where trainer.knn_every wrote one), else its newest valid checkpoint; said in the log."""
+    p = Path(str(path)).expanduser()
+    run = p if (p / "checkpoints").is_dir() else p.parent if p.is_dir() and p.name == "checkpoints" else None
+    if run is None:
+        return locate(p, key)
+    best = run / "checkpoints" / "best.pt"
+    if best.is_file():
+        try:
+            found = best, load(best, key)
+        except UserError as e:
+            log.warning("skipped %s (%s)", best, str(e).split(": ", 1)[-1])
+        else:
+            log.info("%s=%s is a run folder: using its best.pt (the best online k-NN)", key, path)
+            return found
+    found = newest_valid(run, key)
+    log.info("%s=%s is a run folder: using %s", key, path, found[0])
+    return found
 
 
 def rng_state() -> dict:

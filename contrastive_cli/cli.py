@@ -11,6 +11,7 @@ SIGTERM / SIGINT during training end the run after a step with a checkpoint (exi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -23,6 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from . import files
 from .errors import Interrupted, UserError
 
 CONFIG_MODULE = "contrastive_cli.configs"
@@ -63,6 +65,10 @@ def _group_options(group: str) -> list[str]:
     return sorted({p.name[:-5] for d in _group_dirs(group) for p in d.iterdir() if p.name.endswith(".yaml")})
 
 
+_VALUE_FLAGS = ("-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name")
+_SHOW_FLAGS = ("-c", "--cfg", "--resolve", "-p", "--package")  # print the config: it must compose first
+
+
 def _split_argv(argv: list[str]) -> tuple[list[str], list[str], bool]:
     """(overrides, --config-dir folders, whether another of Hydra's flags (--help, --cfg ...) is there)."""
     overrides, dirs, other = [], [], False
@@ -70,6 +76,9 @@ def _split_argv(argv: list[str]) -> tuple[list[str], list[str], bool]:
     for a in it:
         if a in ("-cd", "--config-dir"):
             dirs.append(next(it, ""))
+        elif a in _VALUE_FLAGS:  # `--cfg job`: 'job' is the flag's, not an override
+            other = True
+            next(it, "")
         elif a.startswith("--config-dir="):
             dirs.append(a.split("=", 1)[1])
         elif a.startswith("-"):
@@ -105,6 +114,9 @@ def _sweep_values(o) -> list[str]:
         values = list(o.sweep_string_iterator())
     elif o.is_interval_sweep():
         ends = (o.value().start, o.value().end)
+        if not ends[0] < ends[1]:  # Optuna's own error is a traceback at its first trial
+            raise UserError(f"{o.input_line}: an interval's low end must be below its high end "
+                            f"(interval({min(ends)},{max(ends)}))")
         values = [str(int(v)) if float(v).is_integer() else repr(v) for v in ends]
     else:
         values = [o.get_value_element_as_str()]
@@ -158,6 +170,17 @@ def _did_you_mean(key: str, cfg) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
+def _close_group(key: str, overrides: list[str]) -> str:
+    """'method=simclr' for the override 'methd=simclr': the closest config group, with its value."""
+    import difflib
+
+    groups = sorted({p.name for r in [resources.files(CONFIG_MODULE)] for p in r.iterdir()
+                     if p.is_dir() and not p.name.startswith(("_", "."))})
+    close = difflib.get_close_matches(key, groups, n=1, cutoff=0.7)
+    value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key and "=" in o), "")
+    return f"{close[0]}={value}" if close else ""
+
+
 def _common_prefix(a: str, b: str) -> str:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -181,6 +204,9 @@ def _explain(e: Exception, overrides: list[str], compose) -> str:
             rest = compose([o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
         except Exception:
             rest = None
+        group = _close_group(key, overrides) if "." not in key else ""
+        if group:  # methd=simclr: a misspelt group name, not a key
+            return f"{key}: unknown config group or key; did you mean {group}?"
         return f"{key}: unknown key{_did_you_mean(key, rest)} (see `--cfg job` for the keys there are; a new key needs +{key}=...)"
     return lines[0] if lines else type(e).__name__
 
@@ -190,8 +216,10 @@ def _precheck(config_name: str, argv: list[str], validate, runtime_check=None) -
     error. Returns False where Hydra's own flags (--help, --cfg, ...) take over."""
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides, dirs, other = _split_argv(argv)
-    if other:
-        return False  # --help, --cfg, --info ...: Hydra's own business
+    flags = [a.split("=", 1)[0] for a in argv if a.startswith("-") and a not in ("-m", "--multirun")]
+    shows = bool(flags) and all(f in _SHOW_FLAGS for f in flags)
+    if other and not shows:
+        return False  # --help, --info ...: Hydra's own business
     from hydra import compose, initialize_config_module
     from omegaconf.errors import MissingMandatoryValue
 
@@ -204,6 +232,11 @@ def _precheck(config_name: str, argv: list[str], validate, runtime_check=None) -
             def composed(ov):
                 return compose(config_name=config_name, overrides=[*ov, *search])
 
+            for o in overrides:  # a typed section's key comes back as its schema default, silently
+                key = o[1:].split("=", 1)[0]
+                if o.startswith("~") and key.split(".")[0] in ("trainer", "schedule", "paths", "eval"):
+                    raise UserError(f"{o}: removes a setting {prog} needs (its built-in default would run without a "
+                                    f"word); set {key}=<value> instead")
             sets = _override_sets(overrides, multirun)
             for ov in sets:
                 cfg = None
@@ -213,6 +246,8 @@ def _precheck(config_name: str, argv: list[str], validate, runtime_check=None) -
                     raise
                 except Exception as e:
                     raise UserError(_explain(e, ov, composed)) from None
+                if shows:  # --cfg job shows what composes (a resume's stored config is not looked up)
+                    continue
                 try:
                     cfg = validate(cfg, ov)
                     if multirun and runtime_check is not None:
@@ -225,7 +260,7 @@ def _precheck(config_name: str, argv: list[str], validate, runtime_check=None) -
                 message += _did_you_mean(message.split(":", 1)[0], cfg)
             _fail(prog, message)
             sys.exit(1)
-    return True
+    return not shows
 
 
 # ------------------------------------------------------------------------------------------- run dirs
@@ -308,13 +343,25 @@ def _overrides() -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
 def train_job(cfg: DictConfig) -> dict | None:
-    from .distributed import launched_by_torchrun
-    from .train import run_training
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     error = run_dir / "error.txt"  # a failed job of a sweep says why, for cl-report
     error.unlink(missing_ok=True)
     failed_before = len(_failures)
+    # one writer per run folder: cl-train itself (its DDP ranks under it), or rank 0 of a torchrun by hand
+    locking = not os.environ.get(_LAUNCHED) and os.environ.get("RANK", "0") == "0"
+    try:
+        with files.run_lock(run_dir) if locking else contextlib.nullcontext():
+            return _train(cfg, run_dir, failed_before)
+    except UserError as e:  # the folder is in use
+        _fail("cl-train", str(e))
+        return _job_result(None)
+
+
+def _train(cfg: DictConfig, run_dir: Path, failed_before: int):
+    from .distributed import launched_by_torchrun
+    from .train import run_training
+
+    error = run_dir / "error.txt"
     try:
         overrides, resumed = _overrides(), None
         if cfg.trainer.get("resume"):  # a resumed run keeps its settings, its number of processes too
@@ -343,7 +390,27 @@ def train_job(cfg: DictConfig) -> dict | None:
         raise
     if os.environ.get("RANK", "0") == "0" and len(_failures) > failed_before:
         _record_error(error, _failures[-1])
+        _discard_if_bare(run_dir)
     return _job_result(None)
+
+
+def _discard_if_bare(run_dir: Path) -> None:
+    """A single run refused before any work leaves no folder (a sweep's failed job keeps its
+    error.txt for cl-report): removed when it holds only Hydra's bookkeeping and the log."""
+    import shutil
+
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode != RunMode.RUN or not run_dir.is_dir():
+        return
+    bare = {".hydra", ".lock", "error.txt", f"{HydraConfig.get().job.name}.log"}
+    if all(p.name in bare for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        outputs = (Path.cwd() / "outputs").resolve()
+        for parent in run_dir.resolve().parents:  # outputs/train/<date>, emptied: gone too
+            if not parent.is_relative_to(outputs) or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 def _read_summary(run_dir: Path) -> dict | None:
@@ -413,13 +480,16 @@ def _children(pid: int) -> list[int]:
 
 
 def _guarded(prog: str, work, where):
-    """A job's work; a UserError or an OSError becomes one line (and the job's result None)."""
+    """A job's work; a UserError or an OSError becomes one line (and the job's result None), and a run
+    folder left with nothing in it is removed."""
     try:
         return work()
     except UserError as e:
         _fail(prog, str(e))
     except OSError as e:
         _fail(prog, f"{e.filename or where}: {e.strerror or e}")
+    if prog != "cl-export":
+        _discard_if_bare(Path(HydraConfig.get().runtime.output_dir))
     return None
 
 
@@ -475,6 +545,14 @@ def _main(prog: str, config_name: str, job, validate, runtime_check=None) -> Non
         if config_name == "train" and "hydra/sweeper=optuna" in sys.argv and not any(
                 a.startswith("hydra.sweeper.direction=") for a in sys.argv):
             sys.argv.append("hydra.sweeper.direction=maximize")  # the job returns the k-NN: higher is better
+        if config_name == "train" and "hydra/sweeper=optuna" in sys.argv and not sys.stderr.isatty():
+            _plain_optuna_log()
+        if config_name == "train" and any(a.lstrip("+") == "trainer.resume=auto" for a in sys.argv[1:]):
+            try:
+                sys.argv[1:] = _auto_resume(sys.argv[1:])
+            except UserError as e:
+                _fail(prog, str(e))
+                sys.exit(1)
         if _precheck(config_name, sys.argv[1:], validate, runtime_check) and config_name != "export":
             try:
                 sys.argv += _run_dir_overrides(config_name, sys.argv[1:])
@@ -490,6 +568,42 @@ def _main(prog: str, config_name: str, job, validate, runtime_check=None) -> Non
         sys.exit(143)
     if _failures:
         sys.exit(1)
+
+
+def _auto_resume(argv: list[str]) -> list[str]:
+    """trainer.resume=auto (SLURM requeue scripts): continue the run in hydra.run.dir when it has a
+    checkpoint, else start it there."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    if any(a in ("-m", "--multirun") for a in argv):
+        raise UserError("trainer.resume=auto: resumes one run in its folder; not with -m (a sweep)")
+    overrides, dirs, _ = _split_argv(argv)
+    if not any(a.lstrip("+").startswith("hydra.run.dir=") for a in overrides):
+        raise UserError("trainer.resume=auto: needs hydra.run.dir=<the run's folder> (the folder a requeued job "
+                        "continues in)")
+    rest = [a for a in overrides if a.lstrip("+") != "trainer.resume=auto"]
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[a for a in rest if a.startswith("hydra.")] + _searchpath(
+            overrides, dirs), return_hydra_config=True)
+    folder = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).expanduser()
+    if any((folder / "checkpoints").glob("*.pt")):
+        print(f"cl-train: trainer.resume=auto: continuing the run in {folder}", file=sys.stderr, flush=True)
+        return [a if a.lstrip("+") != "trainer.resume=auto" else f"trainer.resume={_quote(str(folder))}" for a in argv]
+    print(f"cl-train: trainer.resume=auto: no checkpoint in {folder} yet: starting the run there", file=sys.stderr,
+          flush=True)
+    return [a for a in argv if a.lstrip("+") != "trainer.resume=auto"]
+
+
+def _plain_optuna_log() -> None:
+    """Optuna's own handler colours its lines (colorlog) even into a file or a pipe: hand them to
+    Hydra's plain log handlers instead."""
+    try:
+        import optuna
+    except ImportError:
+        return
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
 
 
 def train() -> None:

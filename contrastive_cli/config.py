@@ -46,6 +46,8 @@ class TrainerCfg:
     collapse_neg_cos: float = 0.9
     devices: int = 1
     sync_bn: bool = False
+    extend: str = "tail"  # a resume with more epochs: tail (the cosine over the new length) or restart
+    extend_peak: float = 0.1  # restart: the extra epochs' cosine starts at this fraction of optimizer.lr
 
     def __post_init__(self) -> None:
         positive("trainer.epochs", self.epochs, integer=True)
@@ -57,6 +59,8 @@ class TrainerCfg:
         positive("trainer.collapse_patience", self.collapse_patience, integer=True)
         positive("trainer.knn_every", self.knn_every, integer=True, strict=False)
         positive("trainer.progress_every", self.progress_every, integer=True)
+        check(self.extend in ("tail", "restart"), f"trainer.extend={self.extend}: choose from tail, restart")
+        check(0 < self.extend_peak <= 1, f"trainer.extend_peak={self.extend_peak}: must be in (0, 1]")
         check(-1.0 < self.collapse_neg_cos <= 1.0, f"trainer.collapse_neg_cos={self.collapse_neg_cos}: must be in (-1, 1] "
                                                    "(1 turns this check off)")
         check(self.progress in PROGRESS, f"trainer.progress={self.progress}: choose from {', '.join(PROGRESS)}")
@@ -237,6 +241,8 @@ def validate_embed_job(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         positive(key, cfg[key], integer=True, strict=False)
     check(isinstance(cfg.normalize, bool), f"normalize={cfg.normalize}: true or false")
     check(OmegaConf.is_list(cfg.queries), f"queries={cfg.queries}: a list of image paths, e.g. 'queries=[a.png,b.png]'")
+    check(not cfg.queries or cfg.neighbours, f"queries={list(cfg.queries)}: given with neighbours=0, which finds no "
+                                             "neighbours; add neighbours=K (e.g. 8)")
     return cfg
 
 
@@ -286,7 +292,7 @@ def build(node, what: str, **kwargs):
 RESUMABLE = ("trainer.epochs", "trainer.device", "trainer.workers", "trainer.log_every", "trainer.checkpoint_every",
              "trainer.knn_monitor", "trainer.knn_every", "trainer.progress", "trainer.progress_every",
              "trainer.compile", "trainer.collapse_ratio", "trainer.collapse_patience", "trainer.collapse_neg_cos",
-             "trainer.resume", "logger", "paths.data_dir", "dataset.source.root")
+             "trainer.resume", "trainer.extend", "trainer.extend_peak", "logger", "paths.data_dir", "dataset.source.root")
 
 
 def run_settings(cfg: DictConfig, choices: dict | None = None) -> dict:
@@ -351,7 +357,7 @@ def resolve_resume(cfg: DictConfig, overrides: list[str] | None = None):
     changed = {}
     for a in dict.fromkeys(asked):
         keys = sorted(k for k in set(mine) | set(theirs)
-                      if under(k, a) and not k.startswith(RESUMABLE) and mine.get(k) != theirs.get(k))
+                      if under(k, a) and not any(under(k, r) for r in RESUMABLE) and mine.get(k) != theirs.get(k))
         if len(keys) == 1:
             changed[keys[0]] = f"{keys[0]} ({theirs.get(keys[0], '-')} -> {mine.get(keys[0], '-')})"
         elif keys:  # a group: name it once

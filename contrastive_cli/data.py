@@ -123,12 +123,12 @@ def decode_all(paths: list[str], size: int, channels: int = 3, workers: int = 2,
     """Decode every file once, so a bad file is found before training, not in the middle of an
     epoch; unreadable ones are listed in one warning. With `keep`, the readable images come back as
     one uint8 tensor (N_ok, C, size, size), filled in place (no second copy)."""
-    from tqdm.auto import tqdm
+    from .progress import bar
 
     images = torch.empty(len(paths), channels, size, size, dtype=torch.uint8) if keep else None
     ok, n = [], 0
     batches = decode_batches(paths, size, channels, workers=workers)
-    for x, good in tqdm(batches, total=len(batches), desc=desc, leave=False, delay=1.0):
+    for x, good in bar(batches, len(batches), desc, delay=1.0):
         ok += good.tolist()
         if keep and x is not None:
             images[n : n + len(x)] = x

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from . import checkpoint
-from .api import Preprocess, encoder_from_checkpoint
+from . import checkpoint, files
+from .api import Preprocess, check_features, encoder_from_checkpoint
 from .config import build
 from .data import TensorImages, decode_batches, folder_labels, image_files, warn_unreadable
 from .errors import UserError, check, positive
 from .parts import resolve_device
+from .progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
     positive("neighbours", cfg.neighbours, integer=True, strict=False)
     positive("num_queries", cfg.num_queries, integer=True)
     positive("workers", cfg.workers, integer=True, strict=False)
-    ckpt = checkpoint.load(cfg.checkpoint)
-    encoder, train_cfg = encoder_from_checkpoint(ckpt)
+    ckpt_path, ckpt = checkpoint.for_use(cfg.checkpoint)
+    encoder, train_cfg = encoder_from_checkpoint(ckpt, ckpt_path)
     ds = train_cfg.dataset
     size, channels = int(ds.image_size), int(ds.channels)
     device = resolve_device(cfg.device)
@@ -112,7 +112,7 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
     pre = Preprocess(size, channels, ds.mean, ds.std, device)
     feats, ok = [], []
     with torch.no_grad():
-        for x, good in tqdm(batches, total=n_batches, desc="embedding", unit="batch"):
+        for x, good in bar(batches, n_batches, "embedding", leave=True):
             ok.append(good)
             if x is not None:
                 feats.append(encoder(pre(x)).float().cpu())
@@ -132,20 +132,23 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
         paths = [p for p, good in zip(paths, ok, strict=True) if good]
     rows = list(zip(paths, labels, strict=True))
     emb = torch.cat(feats)
+    check_features(emb, ckpt_path, f"input={source}")
     if cfg.normalize:
         emb = F.normalize(emb, dim=1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "embeddings.npy", emb.numpy().astype(np.float32))
-    with open(out_dir / "index.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "path", "label"])
-        w.writerows((i, path, label) for i, (path, label) in enumerate(rows))
-    result = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "input": source, "n": len(rows),
+    result = {"checkpoint": str(ckpt_path.resolve()), "input": source, "n": len(rows),
               "feature_dim": int(emb.shape[1]), "normalized": bool(cfg.normalize), "skipped": skipped,
               "epoch": ckpt["epoch"], "method": train_cfg.method._target_}
-    if cfg.neighbours:
-        result["neighbours"] = _neighbours(cfg, emb, rows, queries, size, channels, out_dir)
-    (out_dir / "embed.json").write_text(json.dumps(result, indent=2) + "\n")
+    names = ["embeddings.npy", "index.csv", "embed.json"] + ["neighbours.png", "neighbours.csv"] * bool(cfg.neighbours)
+    with files.whole(*(out_dir / n for n in names)) as tmp:  # a stopped cl-embed leaves all of them or none
+        np.save(tmp[0], emb.numpy().astype(np.float32))
+        with open(tmp[1], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["row", "path", "label"])
+            w.writerows((i, path, label) for i, (path, label) in enumerate(rows))
+        if cfg.neighbours:
+            result["neighbours"] = _neighbours(cfg, emb, rows, queries, size, channels, tmp[3], tmp[4])
+            result["neighbours"]["png"] = str(out_dir / "neighbours.png")
+        tmp[2].write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -162,10 +165,13 @@ def _query_keys(cfg: DictConfig, source: str, paths: list[str]) -> list[str]:
 
 
 def _neighbours(cfg: DictConfig, emb: torch.Tensor, rows: list, query_keys: list[str], size: int, channels: int,
-                out_dir: Path) -> dict:
+                png: Path, table: Path) -> dict:
     """The K nearest rows (cosine, itself excluded) of each query: exact search, chunked."""
     k = min(int(cfg.neighbours), len(rows) - 1)
     check(k >= 1, f"neighbours={cfg.neighbours}: the input has {len(rows)} readable image(s), too few for a neighbour")
+    if k < cfg.neighbours:
+        log.warning("neighbours=%d: the input has %d readable images, so each query gets the other %d", cfg.neighbours,
+                    len(rows), k)
     if query_keys:
         where = {path: i for i, (path, _) in enumerate(rows)}
         queries = [where[key] for key in query_keys]
@@ -193,13 +199,13 @@ def _neighbours(cfg: DictConfig, emb: torch.Tensor, rows: list, query_keys: list
             x = _named_image(path, cfg.paths.data_dir)
         return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
 
-    _neighbour_png(out_dir / "neighbours.png", queries, hits, picture)
-    with open(out_dir / "neighbours.csv", "w", newline="") as f:
+    _neighbour_png(png, queries, hits, picture)
+    with open(table, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["query_row", "query_path", "rank", "row", "path", "cosine"])
         for q, row_hits in zip(queries, hits, strict=True):
             w.writerows((q, rows[q][0], r + 1, i, rows[i][0], s) for r, (i, s) in enumerate(row_hits))
-    return {"k": k, "queries": queries, "png": str(out_dir / "neighbours.png")}
+    return {"k": k, "queries": queries}
 
 
 _loaded: dict = {}

@@ -26,6 +26,9 @@ from .methods.base import Method
 
 log = logging.getLogger(__name__)
 
+# a loss (at least 1) or a weight norm this many times its start: a diverged run, though floats still
+# hold it (VICReg under SGD reached a loss of 1e19 and weights of 1e16, finite); healthy runs stay within 10x
+EXPLODED = 1e3
 METRIC_FIELDS = ("epoch", "step", "loss", "lr", "time", "emb_std", "neg_cos")
 # last.pt after every epoch, unless its writing would take over SAVE_SHARE of the training since the last
 # one: a large model on short epochs (barlow_twins_imagenet's 1.1 GB, 4-5 s to write and fsync, after each
@@ -158,6 +161,7 @@ class TrainState:
     partial: dict | None = None  # that epoch's metric sums, view generator state and elapsed time
     trace: list[dict] = field(default_factory=list)  # the synchronised reads inside epochs, for loss.png
     best: dict | None = None  # {"key", "value", "epoch"} of the best held-out score so far (best.pt)
+    start_norm: float | None = None  # the trainable weights' norm before the first step (explosion guard)
 
 
 class StopSignals:
@@ -204,6 +208,11 @@ class Loop:
     monitor_name: str = "knn_top1"
     monitor_every: int = 1
     on_log: Callable[[dict, int], None] | None = None  # rank 0's scalars for an external logger
+    # the encoder's eval-mode features on a few training images: why they are not finite, else None;
+    # no checkpoint is written (and none called good) unless they are
+    probe: Callable[[], str | None] | None = None
+    precision: str = "fp32"  # for the advice a divergence error gives
+    lr: float = 0.0
 
 
 def make_views(batch, augment: nn.Module, generator: torch.Generator, prec: Precision, cpu_views: bool):
@@ -265,18 +274,28 @@ def fit(
         _check_same_place(state.partial, where)
     method.train()
 
+    if state.start_norm is None:
+        state.start_norm = weight_norm(method)
+
     def payload(**extra) -> dict:
         bad = checkpoint.non_finite(method.state_dict())
+        why = f"weights became non-finite ({bad})" if bad else None
+        norm = weight_norm(method) if why is None else 0.0
+        if state.start_norm and norm > EXPLODED * state.start_norm:
+            size = f"{norm:.3g}, {norm / state.start_norm:.3g}x" if math.isfinite(norm) else "beyond float32's range,"
+            why = f"weights exploded (norm {size} the start's {state.start_norm:.3g})"
+        why = why or (loop.probe() if loop.probe is not None else None)
         # buffers (batch-norm statistics) differ between ranks: decide together, or one rank leaves alone
-        if distributed.mean(torch.tensor([float(bad is not None)], device=prec.device)).item() > 0:
-            raise UserError(f"weights became non-finite ({bad or 'on another rank'}) by step {state.step}; "
-                            f"{_last_good(ckpt_dir)} (try a lower optimizer.lr or trainer.precision=fp32)")
+        if distributed.mean(torch.tensor([float(why is not None)], device=prec.device)).item() > 0:
+            raise UserError(f"{why or 'the weights of another rank diverged'} by epoch {state.epoch}, step "
+                            f"{state.step}; {_last_good(ckpt_dir)} ({_advice(loop)})")
         return {
             "config": config_yaml, "epoch": state.epoch, "step": state.step, "history": state.history,
             "model": method.state_dict(), "encoder": method.encoder.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(), "monitor": state.monitor.state(),
-            "trace": state.trace, "best": state.best, **(record_extra or {}), **extra,
+            "trace": state.trace, "best": state.best, "start_norm": state.start_norm,
+            **(record_extra or {}), **extra,
         }
 
     progress = Progress(loop, state, total, main, elapsed)
@@ -313,7 +332,7 @@ def fit(
                     loss, std, neg_cos, signum = distributed.mean(
                         torch.cat([now, now.new_tensor([stop.signum])])).tolist()
                     stopping = stopping or (stop.signum or signal.SIGTERM if signum else 0)
-                    _check_finite(loss, epoch, state.step, ckpt_dir)
+                    _check_loss(loss, state, epoch, loop, ckpt_dir)
                     point = {"step": state.step, "epoch": round(epoch + (i + 1) / steps_per_epoch, 4), "loss": loss,
                              "lr": optimizer.param_groups[0]["lr"], "emb_std": std, "neg_cos": neg_cos}
                     state.trace.append(point)
@@ -331,7 +350,7 @@ def fit(
             state.batch, state.partial = 0, None
             epoch_loss, emb_std, neg_cos, signum = distributed.mean(torch.cat(
                 [sums / max(1, steps_per_epoch), sums.new_tensor([stop.signum])])).tolist()
-            _check_finite(epoch_loss, epoch, state.step, ckpt_dir)
+            _check_loss(epoch_loss, state, epoch, loop, ckpt_dir)
             state.epoch = epoch + 1
             row = {"epoch": state.epoch, "step": state.step, "loss": epoch_loss,
                    "lr": optimizer.param_groups[0]["lr"], "time": round(time.perf_counter() - start, 3),
@@ -355,13 +374,13 @@ def fit(
                 write_metrics(state.history, run_dir / "metrics.csv")
                 write_metrics(state.trace, run_dir / "steps.csv")
                 numbered = state.epoch % loop.checkpoint_every == 0 or state.epoch == loop.epochs
-                if last_due(last_size, time.perf_counter() - last_saved, numbered or improved):
-                    checkpoint.save_atomic(record, ckpt_dir / "last.pt")
-                    last_size, last_saved = (ckpt_dir / "last.pt").stat().st_size, time.perf_counter()
-                if improved:
-                    checkpoint.save_atomic(record, ckpt_dir / "best.pt")
-                if numbered:
-                    checkpoint.save_atomic(record, ckpt_dir / f"epoch_{state.epoch:04d}.pt")
+                names = [ckpt_dir / "last.pt"] if last_due(last_size, time.perf_counter() - last_saved,
+                                                           numbered or improved) else []
+                names += [ckpt_dir / "best.pt"] * improved + [ckpt_dir / f"epoch_{state.epoch:04d}.pt"] * numbered
+                if names:  # one record under several names is written once (hard links)
+                    checkpoint.save_atomic(record, *names)
+                    if names[0].name == "last.pt":
+                        last_size, last_saved = names[0].stat().st_size, time.perf_counter()
             # under DDP only the all-reduced flag counts: a signal that reached one rank after the
             # all-reduce must not send that rank away alone
             stop_now = signum if loop.world > 1 else stop.signum
@@ -454,10 +473,32 @@ def _last_good(ckpt_dir: Path) -> str:
     return f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written"
 
 
-def _check_finite(loss: float, epoch: int, step: int, ckpt_dir: Path) -> None:
+def _check_loss(loss: float, state: TrainState, epoch: int, loop: Loop, ckpt_dir: Path) -> None:
+    """A non-finite loss, or one EXPLODED times its first logged value (at least 1): the run has diverged,
+    though a float may still hold it. Healthy losses fall, or rise a few-fold at most (warm-up)."""
+    first = abs(state.trace[0]["loss"]) if state.trace else abs(loss)
     if not math.isfinite(loss):
-        raise UserError(f"loss became {loss} at epoch {epoch + 1}, step {step} (try a lower optimizer.lr "
-                        f"or trainer.precision=fp32); {_last_good(ckpt_dir)}")
+        why = f"loss became {loss}"
+    elif abs(loss) > EXPLODED * max(first, 1.0):
+        why = f"loss exploded to {loss:.3g} (first {first:.3g})"
+    else:
+        return
+    raise UserError(f"{why} at epoch {epoch + 1}, step {state.step}; {_last_good(ckpt_dir)} ({_advice(loop)})")
+
+
+def _advice(loop: Loop) -> str:
+    """What to change: a lower lr always helps a diverging run; fp32 only helps fp16's narrow range
+    (bf16 has fp32's range, and VICReg under SGD diverged in fp32 too)."""
+    lower = (f"try a lower optimizer.lr than this run's {loop.lr:.3g}, e.g. {loop.lr / 10:.3g}" if loop.lr
+             else "try a lower optimizer.lr")
+    return lower + (" or trainer.precision=bf16 / fp32" if loop.precision == "fp16" else "")
+
+
+def weight_norm(method: nn.Module) -> float:
+    """The L2 norm of every trainable parameter together."""
+    with torch.no_grad():
+        sq = [p.detach().float().pow(2).sum() for p in method.parameters() if p.requires_grad]
+    return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
 
 
 def write_metrics(rows: list[dict], path: Path) -> None:

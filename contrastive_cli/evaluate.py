@@ -9,11 +9,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .augment import normalize
 from .data import iterate_batches, num_batches
 from .errors import UserError
+from .progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,7 @@ def extract_features(encoder: nn.Module, data, mean, std, device: torch.device, 
     encoder.eval()
     feats, labels = [], []
     batches = iterate_batches(data, batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
-    for x, y in tqdm(batches, total=num_batches(data, batch_size, drop_last=False), desc=desc, leave=False,
-                     disable=not show):
+    for x, y in bar(batches, num_batches(data, batch_size, drop_last=False), desc, show=show):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats.append(encoder(normalize(x.to(device, non_blocking=True), mean, std)).float())
         labels.append(y)
@@ -183,14 +182,14 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
 
     from omegaconf import OmegaConf
 
-    from . import checkpoint
-    from .api import encoder_from_checkpoint
+    from . import checkpoint, files
+    from .api import check_features, encoder_from_checkpoint
     from .config import build, move_data, run_settings, validate_eval
     from .data import has_class_folders
     from .parts import resolve_device, unlabeled_message
 
     e, paths = validate_eval(cfg)
-    ckpt = checkpoint.load(cfg.checkpoint)
+    ckpt_path, ckpt = checkpoint.for_use(cfg.checkpoint)
     train_cfg = OmegaConf.create(ckpt["config"])
     ds = train_cfg.dataset
     if paths.data_dir is not None:  # the data has moved since training
@@ -204,13 +203,13 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
             raise UserError(f"dataset={target.name}: has {target.channels} channel(s), but the encoder was trained on "
                             f"{ds.name} with {ds.channels}; choose a dataset with {ds.channels} channel(s)")
     method_name = train_cfg.method._target_.rsplit(".", 1)[-1]
-    log.info("evaluating %s (epoch %d, step %d): %s trained on %s, evaluated on %s", cfg.checkpoint, ckpt["epoch"],
+    log.info("evaluating %s (epoch %d, step %d): %s trained on %s, evaluated on %s", ckpt_path, ckpt["epoch"],
              ckpt["step"], method_name, ds.name, target.name)
     if target.name == "imagefolder" and os.path.isdir(str(target.source.root)) and not has_class_folders(
             str(target.source.root)):  # said before decoding a whole folder
         raise UserError(unlabeled_message(target, "cl-eval has nothing to score against"))
     device = resolve_device(e.device)
-    encoder = encoder_from_checkpoint(ckpt)[0].to(device)
+    encoder = encoder_from_checkpoint(ckpt, ckpt_path)[0].to(device)
     try:
         splits = build(target.source, "dataset")
     except UserError as err:
@@ -223,13 +222,15 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
     tr_f, tr_y = extract_features(encoder, splits.eval_train, target.mean, target.std, device, e.batch_size,
                                   "train features")
     te_f, te_y = extract_features(encoder, splits.test, target.mean, target.std, device, e.batch_size, "test features")
+    check_features(tr_f, ckpt_path, f"{target.name}'s training split")
+    check_features(te_f, ckpt_path, f"{target.name}'s test split")
     classes = list(getattr(splits.test, "classes", []))
     n_cls = max(len(classes), int(max(tr_y.max(), te_y.max())) + 1)
     out = Path(out_dir)
     on_dev = [t.to(device) for t in (tr_f, tr_y, te_f, te_y)]  # k-NN as chunked matmuls on the device
     run = ckpt.get("run") or {}
     result = {
-        "checkpoint": str(Path(cfg.checkpoint).resolve()), "dataset": target.name, "pretrained_on": ds.name,
+        "checkpoint": str(ckpt_path.resolve()), "dataset": target.name, "pretrained_on": ds.name,
         "transfer": target is not ds, "method": train_cfg.method._target_, "epoch": ckpt["epoch"],
         "n_train": len(tr_f), "n_test": len(te_f), "feature_dim": int(tr_f.shape[1]),
         "knn_top1": knn_top1(*on_dev, n_cls, e.knn_k, e.knn_temperature),
@@ -238,13 +239,14 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
         "overrides": run.get("overrides", []), "settings": run_settings(train_cfg, run.get("choices")),
         "eval_overrides": list(overrides or []),
     }
-    if e.tsne_samples > 1:
-        n = min(e.tsne_samples, len(te_f))
-        title = (f"t-SNE of {n} of {len(te_f)} {target.name} test features\n{method_name}"
-                 f"{f' (trained on {ds.name})' if target is not ds else ''}, epoch {ckpt['epoch']}, "
-                 f"k-NN top-1 {result['knn_top1']:.4f}")
-        result["tsne_points"] = tsne_png(te_f, te_y, classes, out / "tsne.png", e.tsne_samples, e.seed, title)
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    with files.whole(out / "eval.json", *[out / "tsne.png"] * (e.tsne_samples > 1)) as tmp:  # both or neither
+        if e.tsne_samples > 1:
+            n = min(e.tsne_samples, len(te_f))
+            title = (f"t-SNE of {n} of {len(te_f)} {target.name} test features\n{method_name}"
+                     f"{f' (trained on {ds.name})' if target is not ds else ''}, epoch {ckpt['epoch']}, "
+                     f"k-NN top-1 {result['knn_top1']:.4f}")
+            result["tsne_points"] = tsne_png(te_f, te_y, classes, tmp[1], e.tsne_samples, e.seed, title)
+        tmp[0].write_text(json.dumps(result, indent=2) + "\n")
     log.info("k-NN top-1 (k=%d, T=%g) %.4f, 5-NN top-1 %.4f, linear top-1 %.4f on %d test images; wrote %s",
              e.knn_k, e.knn_temperature, result["knn_top1"], result["knn5_top1"], result["linear_top1"],
              result["n_test"], out / "eval.json")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, files
 from .api import encoder_from_checkpoint
 from .errors import UserError, check
 
@@ -89,43 +87,34 @@ def _read_features(fmt: str, path: str, x: torch.Tensor, rebuild) -> torch.Tenso
     return torch.from_numpy(session.run(["features"], {"images": x.numpy()})[0])
 
 
-def _write_checked(fmt: str, encoder: nn.Module, example, check_x, expected, rebuild, out: Path) -> float:
-    """Write to a temporary file beside `out`, read it back, compare, then rename it into place; on
-    any failure nothing is left behind. Returns the largest difference."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():  # torch.jit and the TorchScript ONNX exporter warn that they are old
-            warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
-            try:
-                _write(fmt, encoder, example, tmp)
-                got = _read_features(fmt, tmp, check_x, rebuild)
-            except UserError:
-                raise
-            except Exception as e:  # tracing, exporting or reading back can fail in many ways: one line
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"format={fmt}: this encoder could not be exported ({reason})") from None
-        if got.shape != expected.shape:
-            raise UserError(f"format={fmt}: the written file gives features of shape {tuple(got.shape)}, the "
-                            f"checkpoint {tuple(expected.shape)}; nothing was written")
-        diff = float((got - expected).abs().max())
-        allowed = TOLERANCE[fmt] * max(1.0, float(expected.abs().max()))  # relative for large features
-        if not diff <= allowed:
-            raise UserError(f"format={fmt}: the written file's features differ from the checkpoint's by {diff:.2e} "
-                            f"(allowed {allowed:.1e}); nothing was written")
-        os.replace(tmp, out)
-        return diff
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _write_checked(fmt: str, encoder: nn.Module, example, check_x, expected, rebuild, tmp: Path) -> float:
+    """Write to `tmp`, read it back and compare; returns the largest difference."""
+    with warnings.catch_warnings():  # torch.jit and the TorchScript ONNX exporter warn that they are old
+        warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
+        try:
+            _write(fmt, encoder, example, str(tmp))
+            got = _read_features(fmt, str(tmp), check_x, rebuild)
+        except (UserError, OSError):
+            raise
+        except Exception as e:  # tracing, exporting or reading back can fail in many ways: one line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"format={fmt}: this encoder could not be exported ({reason})") from None
+    if got.shape != expected.shape:
+        raise UserError(f"format={fmt}: the written file gives features of shape {tuple(got.shape)}, the "
+                        f"checkpoint {tuple(expected.shape)}; nothing was written")
+    diff = float((got - expected).abs().max())
+    allowed = TOLERANCE[fmt] * max(1.0, float(expected.abs().max()))  # relative for large features
+    if not diff <= allowed:
+        raise UserError(f"format={fmt}: the written file's features differ from the checkpoint's by {diff:.2e} "
+                        f"(allowed {allowed:.1e}); nothing was written")
+    return diff
 
 
 def run_export(cfg: DictConfig) -> dict:
     fmt = str(cfg.format)
     check(fmt in FORMATS, f"format={fmt}: choose from {', '.join(FORMATS)}")
-    ckpt_path = Path(str(cfg.checkpoint)).expanduser()
-    ckpt = checkpoint.load(ckpt_path)
-    encoder, train_cfg = encoder_from_checkpoint(ckpt)
+    ckpt_path, ckpt = checkpoint.for_use(cfg.checkpoint)
+    encoder, train_cfg = encoder_from_checkpoint(ckpt, ckpt_path)
     ds = train_cfg.dataset
     size, channels = int(ds.image_size), int(ds.channels)
     out = (Path(str(cfg.out)).expanduser() if cfg.out else
@@ -144,27 +133,21 @@ def run_export(cfg: DictConfig) -> dict:
         return plain_torchvision(recipe) if recipe is not None else encoder_from_checkpoint(ckpt)[0]
 
     created = not out.parent.exists()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        diff = _write_checked(fmt, encoder, example, check_x, expected, rebuild, out)
-    except UserError:
-        if created:
-            out.parent.rmdir()
-        raise
     meta = {
         "format": fmt, "file": str(out), "checkpoint": str(ckpt_path.resolve()), "epoch": ckpt["epoch"],
         "method": train_cfg.method._target_, "encoder": OmegaConf.to_container(train_cfg.encoder, resolve=True),
         "input_size": size, "channels": channels, "mean": list(ds.mean), "std": list(ds.std),
         "input": f"float32 (N, {channels}, {size}, {size}): uint8 pixels / 255, then (x - mean) / std per channel",
-        "feature_dim": int(expected.shape[1]), "max_abs_diff": diff,
+        "feature_dim": int(expected.shape[1]),
     }
     if fmt == "state_dict" and recipe is not None:
         meta["torchvision"] = recipe
-    try:
-        tmp = out.parent / f".{out.name}.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, f"{out}.json")
-    except OSError:
-        out.unlink(missing_ok=True)  # a file without its JSON would be half an export
+    try:  # the file and its JSON, or neither (a file without its JSON would be half an export)
+        with files.whole(out, f"{out}.json", label=f"out={out}") as (tmp, tmp_json):
+            meta["max_abs_diff"] = _write_checked(fmt, encoder, example, check_x, expected, rebuild, tmp)
+            tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
+    except UserError:
+        if created and out.parent.is_dir() and not any(out.parent.iterdir()):
+            out.parent.rmdir()
         raise
     return meta

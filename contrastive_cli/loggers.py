@@ -8,6 +8,7 @@ once at the end (in a `finally`), `close()`.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,28 @@ def require(package: str) -> Any:
         ) from None
 
 
+def final_metrics(summary: dict) -> dict[str, float]:
+    """The run's end numbers that a tracker shows beside its settings."""
+    keys = ("knn_top1", "knn5_top1", "knn_best", "final_loss")
+    return {f"final/{k}": float(summary[k]) for k in keys if isinstance(summary.get(k), (int, float))}
+
+
+def hparams(summary: dict) -> dict[str, float | str | bool]:
+    """The settings a table of runs compares (summary.json's `settings`), as a tracker's hparams."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in summary.get("settings", {}).items()}
+
+
+def read_png(path: Path):
+    """(H, W, 3) uint8 of a PNG, or None when it is not there."""
+    if not Path(path).is_file():
+        return None
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
 class NoLogger:
     """`logger=csv`: no external tracker; the loop's metrics.csv and PNG plots are the record."""
 
@@ -47,6 +70,9 @@ class NoLogger:
         self.run_dir = Path(run_dir)
 
     def log(self, scalars: dict[str, float | None], step: int) -> None:
+        pass
+
+    def finish(self, summary: dict, images: dict[str, Path]) -> None:
         pass
 
     def close(self) -> None:
@@ -61,10 +87,25 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        if run_config is not None:  # TEXT tab: the resolved config, as YAML in a code block
+            if isinstance(run_config, DictConfig):
+                run_config = OmegaConf.to_container(run_config, resolve=True)
+            text = OmegaConf.to_yaml(OmegaConf.create(run_config))
+            self.writer.add_text("config", "    " + text.replace("\n", "\n    "))
 
     def log(self, scalars: dict[str, float | None], step: int) -> None:
         for name, value in tagged(scalars).items():
             self.writer.add_scalar(name, value, global_step=step)
+
+    def finish(self, summary: dict, images: dict[str, Path]) -> None:
+        """HPARAMS tab: the settings with the final numbers; IMAGES tab: the run's PNGs."""
+        metrics = final_metrics(summary)
+        if metrics:
+            self.writer.add_hparams(hparams(summary), metrics, run_name=".")
+        for name, path in images.items():
+            pixels = read_png(path)
+            if pixels is not None:
+                self.writer.add_image(name, pixels, dataformats="HWC")
 
     def close(self) -> None:
         self.writer.flush()
@@ -86,6 +127,10 @@ class WandbLogger:
         check(mode in (None, "online", "offline", "disabled"),
               f"logger.mode={mode!r}: must be null, online, offline or disabled")
         wandb = require("wandb")
+        effective = mode or os.environ.get("WANDB_MODE") or "online"
+        if effective == "online" and not _wandb_key():
+            raise UserError("logger=wandb: no W&B API key (set WANDB_API_KEY or run `wandb login` first), or log "
+                            "without one with logger.mode=offline")
         if isinstance(run_config, DictConfig):  # instantiate() turns a dict keyword into a DictConfig
             run_config = OmegaConf.to_container(run_config, resolve=True)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -99,5 +144,30 @@ class WandbLogger:
     def log(self, scalars: dict[str, float | None], step: int) -> None:
         self.run.log(tagged(scalars), step=step)
 
+    def finish(self, summary: dict, images: dict[str, Path]) -> None:
+        """The final numbers in the run's summary; the PNGs as images (the config went in at init)."""
+        import wandb
+
+        self.run.summary.update(final_metrics(summary))
+        pictures = {f"images/{n}": wandb.Image(str(p)) for n, p in images.items() if Path(p).is_file()}
+        if pictures:
+            self.run.log(pictures)
+
     def close(self) -> None:
         self.run.finish()
+
+
+def _wandb_key() -> bool:
+    """Whether wandb has an API key without asking for one: WANDB_API_KEY, or a `wandb login` entry in
+    the netrc file (where wandb keeps it) for its host."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])

@@ -109,3 +109,17 @@ def warmup_cosine(total_steps: int, warmup_steps: int, final_ratio: float) -> Ca
         return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     return factor
+
+
+def restarted(base: Callable[[int], float], start: int, total: int, peak: float,
+              final_ratio: float) -> Callable[[int], float]:
+    """`base` before step `start`; from there a fresh cosine (no warm-up) from `peak` to peak x final_ratio
+    at `total`: the extra epochs of an extended run (trainer.extend=restart)."""
+
+    def factor(step: int) -> float:
+        if step < start:
+            return base(step)
+        t = (step - start) / max(1, total - start)
+        return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+    return factor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import checkpoint, distributed
+from .augment import MultiCrop
 from .config import (
     TrainerCfg,
     build,
@@ -32,7 +34,7 @@ from .errors import Interrupted, UserError, check
 from .evaluate import extract_features, knn_top1, loss_png
 from .methods.base import Method, RunShape
 from .momentum import SplitBatchNorm2d
-from .optim import build_optimizer, lr_factors, warmup_cosine
+from .optim import build_optimizer, lr_factors, restarted, warmup_cosine
 from .parts import build_model, resolve_device, unlabeled_message
 
 log = logging.getLogger(__name__)
@@ -108,9 +110,13 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
     method.check_batch_size(t.batch_size)
     augment = build(cfg.augmentation, "augmentation")
     method.check_views(getattr(augment, "num_views", 2))
+    if method.multi_crop and not isinstance(augment, MultiCrop) and rank == 0:  # method=dino augmentation=simclr
+        log.warning("%s with a two-view augmentation: no multi-crop (its YAML picks augmentation=multicrop, which "
+                    "adds local crops where they are at least 16 px); training on the two views alone",
+                    type(method).__name__)
     splits = build(cfg.dataset.source, "dataset")
     train = splits.train
-    steps = check_data(cfg, t, splits, world, method)
+    steps = check_data(cfg, t, splits, world, method, warn=rank == 0)
     # derived from the config and the data alone: a resumed run derives the same
     for line in [*getattr(augment, "notes", []), *method.adapt(RunShape(len(train), t.batch_size * world))]:
         if rank == 0:
@@ -133,8 +139,17 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(optimizer, factor))
     scaler = torch.amp.GradScaler(device.type, enabled=prec.dtype == torch.float16)
     state = TrainState(monitor=CollapseMonitor(t.collapse_ratio, t.collapse_patience, t.collapse_neg_cos))
+    extension = None
     if resume is not None:
+        extension = resume.get("extension") or _extension(resume, t, steps, lr, factor, rank)
+        if extension is not None:
+            factor = restarted(factor, extension["from_step"], t.epochs * steps, extension["peak"],
+                               sched.final_lr_ratio)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(optimizer, factor))
         state = _restore(resume, method, optimizer, scheduler, scaler, t)
+        if extension is not None:  # the restored optimizer holds the tail's lr: the next step takes the restart's
+            for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+                group["lr"] = base * f(scheduler.last_epoch)
     model = _wrap(method, t, world, device)
 
     if rank == 0 and resume is not None and (run_dir / ".hydra").is_dir():
@@ -161,26 +176,52 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
     loop = Loop(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, workers=t.workers, log_every=t.log_every,
                 checkpoint_every=t.checkpoint_every, rank=rank, world=world, progress=progress,
                 progress_every=t.progress_every, monitor=score, monitor_every=t.knn_every or 1,
-                on_log=logger.log if logger is not None else None)
+                on_log=logger.log if logger is not None else None, probe=feature_probe(method, train, cfg, device),
+                precision=str(t.precision) if prec.dtype != torch.float16 else "fp16", lr=lr)
     try:
         state = fit(method, optimizer, scheduler, scaler, augment, train, loop, prec, state, run_dir,
-                    OmegaConf.to_yaml(cfg, resolve=True), model=model, record_extra={"run": run})
-    except Interrupted:  # every rank stops at the same step, after the save
-        distributed.cleanup()
-        raise
-    except BaseException:
-        distributed.cleanup(barrier=False)
-        raise
-    finally:
+                    OmegaConf.to_yaml(cfg, resolve=True), model=model,
+                    record_extra={"run": run, "extension": extension})
+    except BaseException as e:  # an Interrupted run: every rank stops at the same step, after the save
+        distributed.cleanup(barrier=isinstance(e, Interrupted))
         if logger is not None:
             logger.close()
+        raise
     distributed.cleanup()
     if rank != 0:
         return None
-    written = resume is None or state.step > resume["step"]
-    last = run_dir / "checkpoints" / "last.pt" if written else resume_path  # nothing trained: name what was read
-    return _summarize(cfg, t, method, splits, state, run_dir, device, time.perf_counter() - wall, last, run,
-                      overrides if resume is not None else None, progress == "bar")
+    try:
+        written = resume is None or state.step > resume["step"]
+        last = run_dir / "checkpoints" / "last.pt" if written else resume_path  # nothing trained: name what was read
+        summary = _summarize(cfg, t, method, splits, state, run_dir, device, time.perf_counter() - wall, last, run,
+                             overrides if resume is not None else None, progress == "bar")
+        if logger is not None:  # the settings beside the final numbers, and the pictures
+            logger.finish(summary, {"loss": run_dir / "loss.png"})
+        return summary
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _extension(resume: dict, t: TrainerCfg, steps: int, lr: float, factor, rank: int) -> dict | None:
+    """A resume with more epochs than its run planned: one log line with the lr the extra epochs get;
+    with trainer.extend=restart, where the fresh cosine starts (stored in every later checkpoint, so a
+    resume of the extended run keeps its schedule)."""
+    planned = int(OmegaConf.create(resume["config"]).trainer.epochs)
+    if t.epochs <= planned:
+        return None
+    start, total = int(resume["step"]), t.epochs * steps
+    extra = f"the {t.epochs - planned} epoch(s) beyond the {planned} planned (steps {start + 1}-{total})"
+    if t.extend == "restart":
+        if rank == 0:
+            log.info("trainer.extend=restart: %s run a fresh cosine from lr %.3g (trainer.extend_peak=%g x "
+                     "optimizer.lr)", extra, t.extend_peak * lr, t.extend_peak)
+        return {"from_step": start, "peak": t.extend_peak}
+    if rank == 0:
+        log.warning("%s run at lr %.3g -> %.3g, the tail of a cosine over the new length; for a fresh cosine over "
+                    "them add trainer.extend=restart (from trainer.extend_peak=%g x optimizer.lr = %.3g)", extra,
+                    lr * factor(start), lr * factor(total - 1), t.extend_peak, t.extend_peak * lr)
+    return None
 
 
 def untrained_checkpoint(cfg: DictConfig, path: Path) -> Path:
@@ -192,6 +233,25 @@ def untrained_checkpoint(cfg: DictConfig, path: Path) -> Path:
                             "model": {}, "encoder": encoder.state_dict(), "optimizer": {}, "scheduler": {},
                             "scaler": {}, "rng": checkpoint.rng_state()}, path)
     return path
+
+
+def feature_probe(method: Method, train, cfg: DictConfig, device: torch.device) -> Callable[[], str | None]:
+    """The check the loop runs before each checkpoint: the encoder's eval-mode features (what cl-eval
+    reads, with the batch-norm running statistics) on the first 32 training images are finite."""
+    from .augment import normalize
+
+    x = torch.stack([train[i][0] for i in range(min(32, len(train)))])
+    encoder = type(method).eval_encoder(method.encoder, cfg.method)  # wraps, shares the weights
+
+    @torch.no_grad()
+    def probe() -> str | None:
+        was = method.encoder.training
+        encoder.eval()
+        feats = encoder(normalize(x.to(device), cfg.dataset.mean, cfg.dataset.std))
+        method.encoder.train(was)
+        return None if bool(torch.isfinite(feats).all()) else "features of a probe batch became non-finite"
+
+    return probe
 
 
 def knn_score(encoder: nn.Module, splits, ds, device: torch.device, bars: bool = True) -> Callable[[], float]:
@@ -208,6 +268,23 @@ def knn_score(encoder: nn.Module, splits, ds, device: torch.device, bars: bool =
     return score
 
 
+def final_knn(encoder: nn.Module, splits, ds, device: torch.device, bars: bool) -> dict:
+    """The end-of-training numbers: weighted k-NN (k=200, T=0.1, as cl-eval) and plain 5-NN; a log line
+    says when 200 exceeds the smallest class's training images (then 5-NN is the one to read)."""
+    tr_f, tr_y = extract_features(encoder, splits.eval_train, ds.mean, ds.std, device, desc="k-NN train", show=bars)
+    te_f, te_y = extract_features(encoder, splits.test, ds.mean, ds.std, device, desc="k-NN test", show=bars)
+    n_cls = int(max(tr_y.max(), te_y.max())) + 1
+    on_dev = [x.to(device) for x in (tr_f, tr_y, te_f, te_y)]
+    out = {"knn_top1": round(knn_top1(*on_dev, n_cls), 4), "knn5_top1": round(knn_top1(*on_dev, n_cls, k=5, weighted=False), 4)}
+    log.info("k-NN top-1 (k=200, T=0.1) on the test split: %.4f; 5-NN: %.4f", out["knn_top1"], out["knn5_top1"])
+    counts = torch.bincount(tr_y[tr_y >= 0], minlength=n_cls)
+    smallest = int(counts[counts > 0].min())
+    if smallest < 200:
+        log.info("k=200 is more than the smallest class's %d training images: those neighbours spill into other "
+                 "classes, so the 5-NN number is the fairer one here", smallest)
+    return out
+
+
 def _choices() -> dict:
     """The config group options Hydra composed this job from (method=moco, +experiment=...)."""
     from hydra.core.hydra_config import HydraConfig
@@ -217,7 +294,7 @@ def _choices() -> dict:
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra") and v is not None}
 
 
-def check_data(cfg: DictConfig, t: TrainerCfg, splits, world: int, method: Method) -> int:
+def check_data(cfg: DictConfig, t: TrainerCfg, splits, world: int, method: Method, warn: bool = False) -> int:
     """What can be checked on the loaded data before training: channels, labels where the method
     needs them, at least one batch per epoch. Returns the steps per epoch."""
     train = splits.train
@@ -233,6 +310,12 @@ def check_data(cfg: DictConfig, t: TrainerCfg, splits, world: int, method: Metho
     steps = num_batches(train, t.batch_size, world=world)
     check(steps > 0, f"trainer.batch_size={t.batch_size}: x {world} process(es) is larger than the training set "
                      f"({len(train)} images); use trainer.batch_size<={largest_batch(len(train) // world, method)}")
+    dropped = len(train) - steps * t.batch_size * world
+    if dropped > len(train) / 10 and warn:  # drop_last: full batches only
+        even = largest_batch(len(train) // math.ceil(len(train) / (t.batch_size * world)) // world, method)
+        log.warning("trainer.batch_size=%d drops %d of the %d training images every epoch (only full batches train; "
+                    "a different %d each epoch); trainer.batch_size=%d would drop %d", t.batch_size, dropped, len(train),
+                    dropped, even, len(train) - (len(train) // (even * world)) * even * world)
     return steps
 
 
@@ -282,12 +365,8 @@ def _summarize(cfg, t: TrainerCfg, method: Method, splits, state: TrainState, ru
     title = f"{summary['settings']['method']} on {cfg.dataset.name}"
     if state.history:
         loss_png(state.history, state.trace, run_dir / "loss.png", title)
-    final = state.history[-1].get("knn_top1") if state.history else None
-    if final is not None:
-        summary["knn_top1"] = round(final, 4)
-    elif t.knn_monitor and splits.labeled:
-        summary["knn_top1"] = round(knn_score(method.encoder, splits, cfg.dataset, device, bars)(), 4)
-        log.info("k-NN top-1 (k=200, T=0.1) on the test split: %.4f", summary["knn_top1"])
+    if (t.knn_monitor or t.knn_every) and splits.labeled:
+        summary.update(final_knn(method.encoder, splits, cfg.dataset, device, bars))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("checkpoint: %s", summary["checkpoint"])
     return summary
@@ -308,7 +387,7 @@ def _restore(ckpt: dict, method, optimizer, scheduler, scaler, t: TrainerCfg) ->
     monitor = CollapseMonitor(t.collapse_ratio, t.collapse_patience, t.collapse_neg_cos, **ckpt.get("monitor", {}))
     return TrainState(epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]), monitor=monitor,
                       batch=ckpt.get("batch", 0), partial=ckpt.get("partial"), trace=list(ckpt.get("trace", [])),
-                      best=ckpt.get("best"))
+                      best=ckpt.get("best"), start_norm=ckpt.get("start_norm"))
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m contrastive_cli.train [overrides]

@@ -55,6 +55,54 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
     assert checkpoint.load(path)["epoch"] == 1 and os.listdir(tmp_path) == ["last.pt"]
 
 
+def test_a_disk_that_fills_inside_torch_save_is_one_line_too(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic(payload(1), path)
+    real_save = torch.save
+
+    class FillsUp:  # the file object torch's zip writer gets: the disk fills after 4 KB
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, b):
+            self.written += len(b)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    # torch's writer turns the OSError into RuntimeError('... unexpected pos ...'): the real path
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, FillsUp(f)))
+    with pytest.raises(UserError, match="cannot write checkpoint .*last.pt: No space left on device.*kept"):
+        checkpoint.save_atomic(payload(2, weight=torch.randn(10_000)), path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["epoch"] == 1 and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_one_record_under_several_names_is_on_disk_once(tmp_path, monkeypatch):
+    folder = tmp_path / "checkpoints"
+    names = [folder / "last.pt", folder / "best.pt", folder / "epoch_0030.pt"]
+    checkpoint.save_atomic(payload(30), *names)
+    assert sorted(os.listdir(folder)) == ["best.pt", "epoch_0030.pt", "last.pt"]  # no temporary file
+    assert len({n.stat().st_ino for n in names}) == 1 and names[0].stat().st_nlink == 3
+    assert all(checkpoint.load(n)["epoch"] == 30 for n in names)
+    checkpoint.save_atomic(payload(31), names[0])  # a later last.pt replaces only last.pt
+    assert checkpoint.load(names[0])["epoch"] == 31 and checkpoint.load(names[2])["epoch"] == 30
+
+    def no_links(*args):  # some network and FAT file systems
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    checkpoint.save_atomic(payload(40), folder / "last.pt", folder / "epoch_0040.pt")
+    assert checkpoint.load(folder / "epoch_0040.pt")["epoch"] == 40  # a copy instead
+    assert (folder / "epoch_0040.pt").stat().st_ino != (folder / "last.pt").stat().st_ino
+    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+
+
 def test_foreign_torn_and_incomplete_files_are_refused(tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.ones(1)}, plain)

@@ -33,6 +33,11 @@ def test_train_writes_run_dir(trained):
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 * (1347 // 128) and 0 < summary["knn_top1"] <= 1
+    assert summary["knn5_top1"] > summary["knn_top1"]  # digits: 200 neighbours spill over ~135-image classes
+    log = (run / "train.log").read_text()
+    assert "k=200 is more than the smallest class's" in log and "5-NN: " in log
+    # the last epoch's record is written once, under two names
+    assert (ckpt.parent / "epoch_0002.pt").stat().st_ino == ckpt.stat().st_ino
 
 
 def test_eval_writes_json_and_tsne(trained, tmp_path):
@@ -90,6 +95,12 @@ BAD_TRAIN = [
     (["dataset.root=/data"], "dataset.root: unknown key; did you mean dataset.source.root?"),
     (["+dataset.root=/data"], "did you mean dataset.source.root?"),
     (["trainer.epoch=3"], "trainer.epoch: unknown key; did you mean trainer.epochs?"),
+    (["methd=simclr"], "methd: unknown config group or key; did you mean method=simclr?"),
+    (["~trainer.epochs"], "~trainer.epochs: removes a setting cl-train needs (its built-in default would run without "
+                          "a word); set trainer.epochs=<value> instead"),
+    (["method=simclr2", "--cfg", "job"], "method=simclr2: unknown option; choose from"),  # checked before printing
+    (["-m", "hydra/sweeper=optuna", "optimizer.lr=interval(1.0,0.1)"],
+     "optimizer.lr=interval(1.0,0.1): an interval's low end must be below its high end (interval(0.1,1.0))"),
     (["method=glob(sim*)"], "Sweep parameters 'method=glob(sim*)' requires --multirun"),
 ]
 
@@ -113,15 +124,41 @@ def test_bad_checkpoints_are_one_line(tmp_path, trained):
     torn.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     text = tmp_path / "notes.pt"
     text.write_text("hello")
-    cases = [("missing.pt", "no such file"), (str(torn), "not a readable"), (str(text), "not a readable"),
-             (str(tmp_path), "is a folder")]
+    legacy = tmp_path / "legacy.pt"  # the old pickle format: torch's warnings must not precede the line
+    import torch
+
+    torch.save({"weights": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    cases = [("missing.pt", "no such file"), (str(torn), "not a readable cl-train checkpoint (a truncated or damaged"),
+             (str(text), "not a readable cl-train checkpoint (a text file, starting 'hello')"),
+             (str(tmp_path), "a folder without checkpoints/ inside"), (str(legacy), "not a cl-train checkpoint")]
     for path, expected in cases:
         proc = run_cli("cl-eval", f"checkpoint={path}", cwd=tmp_path)
         lines = error_lines(proc)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-        assert lines[-1].startswith("cl-eval: error: checkpoint=") and expected in lines[-1], lines
+        assert len(lines) == 1 and lines[-1].startswith("cl-eval: error: checkpoint=") and expected in lines[-1], lines
+    assert not (tmp_path / "outputs").exists()  # a refusal before any work leaves no run folder
+    proc = run_cli("cl-train", "trainer.batch_size=5000", cwd=tmp_path)  # refused inside the job, after loading data
+    assert proc.returncode == 1 and "use trainer.batch_size<=1347" in proc.stderr and not (tmp_path / "outputs").exists()
     proc = run_cli("cl-eval", cwd=tmp_path)
     assert proc.returncode != 0 and error_lines(proc) == ["cl-eval: error: checkpoint: missing; give checkpoint=<path to a .pt checkpoint>"]
+
+
+def test_eval_embed_and_export_take_a_run_folder_and_say_which_checkpoint(tmp_path, trained):
+    import shutil
+
+    _, ckpt = trained
+    run = tmp_path / "run"
+    shutil.copytree(ckpt.parent.parent, run, ignore=shutil.ignore_patterns("*.png", ".hydra"))
+    proc = run_cli("cl-eval", f"checkpoint={run}", "eval.tsne_samples=0", "eval.linear_max_iter=20", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"checkpoint={run} is a run folder: using {run / 'checkpoints' / 'last.pt'}" in proc.stdout + proc.stderr
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr  # not a terminal: no tqdm bars in the log
+    evaluated = json.loads(next((tmp_path / "outputs" / "eval").rglob("eval.json")).read_text())["checkpoint"]
+    assert evaluated == str(run / "checkpoints" / "last.pt")
+    shutil.copy(run / "checkpoints" / "epoch_0001.pt", run / "checkpoints" / "best.pt")  # what knn_every writes
+    proc = run_cli("cl-export", f"checkpoint={run}", "format=state_dict", f"out={tmp_path / 'enc.pt'}", cwd=tmp_path)
+    assert proc.returncode == 0 and "using its best.pt" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "enc.pt.json").read_text())["epoch"] == 1
 
 
 def test_resume_from_torn_checkpoint_is_refused(tmp_path, trained):

@@ -23,7 +23,7 @@ def test_groups_have_the_documented_options():
     assert options("encoder") == ["resnet18", "resnet50", "small_cnn", "timm", "vit_tiny"]
     assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "mnist", "stl10"]
     assert options("augmentation") == ["byol", "grey", "multicrop", "simclr"]
-    assert options("optimizer") == ["adamw", "lars", "lars_wide", "sgd"]
+    assert options("optimizer") == ["adamw", "lars", "lars_vicreg", "lars_wide", "sgd"]
     assert options("logger") == ["csv", "tensorboard", "wandb"]
     assert "fashion_mnist_fast" in options("experiment")
 

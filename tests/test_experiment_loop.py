@@ -144,6 +144,7 @@ def test_optuna_searches_the_online_knn(tmp_path):
                    "method.temperature=choice(0.2,0.5)", "trainer.epochs=1", "trainer.knn_every=1",
                    "trainer.batch_size=256", "encoder.width=8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\x1b[" not in proc.stdout + proc.stderr  # not a terminal: no colour codes in the log
     sweep = next(tmp_path.glob("outputs/multirun/*/*"))
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(result["best_params"]) == {"optimizer.lr", "method.temperature"}

@@ -128,3 +128,39 @@ def test_wandb_rejects_an_unknown_mode_before_importing_it(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(UserError, match=r"logger.mode='ofline': must be null, online, offline or disabled"):
         WandbLogger(run_dir=tmp_path, run_config=RUN_CONFIG, mode="ofline")
+
+
+def test_tensorboard_gets_the_config_the_hparams_with_the_final_numbers_and_the_pngs(tmp_path):
+    pytest.importorskip("tensorboard", reason="logger=tensorboard needs the tensorboard extra")
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(tmp_path / "loss.png")
+    logger = instantiate(logger_cfg("tensorboard"), run_dir=tmp_path, run_config=RUN_CONFIG)
+    logger.log(*STEPS[0])
+    summary = {"knn_top1": 0.91, "knn5_top1": 0.97, "final_loss": 1.5,
+               "settings": {"method": "simclr", "lr": 1.0, "temperature": None}}
+    logger.finish(summary, {"loss": tmp_path / "loss.png", "tsne": tmp_path / "absent.png"})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0, "images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["loss"]
+    assert events.Images("loss")[0].width == 40 and events.Images("loss")[0].height == 30
+    assert "config/text_summary" in events.Tags()["tensors"]
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "temperature: 0.5" in text and "epochs: 2" in text
+    metrics = {t: events.Scalars(t)[0].value for t in events.Tags()["scalars"] if t.startswith("final/")}
+    assert metrics == {"final/knn_top1": pytest.approx(0.91), "final/knn5_top1": pytest.approx(0.97),
+                       "final/final_loss": 1.5}
+    assert set(events.PluginTagToContent("hparams")) >= {"_hparams_/experiment", "_hparams_/session_start_info"}
+
+
+def test_wandb_online_without_an_api_key_fails_at_once_instead_of_asking(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="logger=wandb needs the wandb extra")
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))  # no `wandb login` entry either
+    with pytest.raises(UserError, match=r"^logger=wandb: no W&B API key \(set WANDB_API_KEY or run `wandb login` "
+                                        r"first\), or log without one with logger.mode=offline$"):
+        WandbLogger(run_dir=tmp_path / "run", run_config=RUN_CONFIG)  # before wandb.init: no prompt, no wait

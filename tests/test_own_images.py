@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,6 +157,18 @@ def test_cl_embed_one_line_errors(tmp_path, digits_ckpt):
     proc = run_cli("cl-embed", f"checkpoint={digits_ckpt}", cwd=tmp_path)
     assert proc.returncode == 1 and error_lines(proc) == [
         "cl-embed: error: input: missing; give input=<value>"]
+    proc = run_cli("cl-embed", f"checkpoint={digits_ckpt}", f"input={tmp_path / 'two'}", "queries=[img0.png]",
+                   cwd=tmp_path)  # queries without neighbours would be ignored: refused
+    assert proc.returncode == 1 and error_lines(proc) == [
+        "cl-embed: error: queries=['img0.png']: given with neighbours=0, which finds no neighbours; add neighbours=K (e.g. 8)"]
+
+
+def test_cl_embed_says_when_it_finds_fewer_neighbours_than_asked(tmp_path, digits_ckpt, caplog):
+    write_images(tmp_path / "three", 3)
+    with caplog.at_level("WARNING"):
+        result = run_embed(embed_cfg(digits_ckpt, tmp_path / "three", "neighbours=1000"), tmp_path / "o")
+    assert result["neighbours"]["k"] == 2
+    assert "neighbours=1000: the input has 3 readable images, so each query gets the other 2" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- cl-export
@@ -258,3 +271,13 @@ def test_load_encoder_preprocess_accepts_pil_numpy_and_uint8_tensors(tmp_path, d
         preprocess(torch.rand(1, 1, 32, 32))
     with torch.no_grad():
         assert encoder(a).shape == (1, 64)
+
+
+def test_the_readme_python_snippet_runs_as_printed(digits_ckpt, tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "load_encoder" in b)
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save("a.jpg")
+    Image.fromarray(np.full((20, 20), 200, np.uint8)).save("b.png")
+    exec(block.replace("outputs/train/<date>/<time>/checkpoints/last.pt", str(digits_ckpt)), {})
+    assert capsys.readouterr().out.strip() == "(2, 64)"  # encoder.width=8: 8 x 8 features

@@ -38,3 +38,23 @@ def test_installed_wheel_composes_from_another_folder(wheel, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "contrastive_cli.optim.LARS" in proc.stdout and "name: fashion_mnist" in proc.stdout
+
+
+def test_python_m_from_the_root_of_a_clone_next_to_an_installed_wheel(wheel, tmp_path):
+    import shutil
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    clone = tmp_path / "clone"  # the source folder shadows the installed package (README's torchrun lines)
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "contrastive_cli", clone / "contrastive_cli", symlinks=True, ignore=skip)
+    shutil.copytree(ROOT / "configs", clone / "configs", ignore=skip)
+    # -S: no .pth files, so not the editable install's import hook (CI's); the dependencies by path
+    import sysconfig
+
+    env = {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{sysconfig.get_paths()['purelib']}"}
+    proc = subprocess.run([sys.executable, "-S", "-m", "contrastive_cli.train", "dataset=fashion_mnist", "--cfg", "job"],
+                          cwd=clone, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "name: fashion_mnist" in proc.stdout

@@ -3,8 +3,10 @@ damaged or diverged checkpoints, sweeps that fail half-way, bad images, numerica
 
 import json
 import os
+import re
 import signal
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,7 +180,9 @@ def test_a_resume_that_changes_the_run_is_one_line_naming_the_keys(finished):
     cases = [(["method.temperature=0.5"], "method.temperature (0.3 -> 0.5)"),
              (["trainer.seed=0"], "trainer.seed (5 -> 0)"),
              (["optimizer=adamw", "trainer.precision=fp16"], "optimizer (_target_, betas, lr ...), trainer.precision"),
-             (["trainer.batch_size=64"], "trainer.batch_size (128 -> 64)")]
+             (["trainer.batch_size=64"], "trainer.batch_size (128 -> 64)"),
+             # not trainer.device's prefix match: two processes are another global batch
+             (["trainer.devices=2"], "trainer.devices (1 -> 2)")]
     for extra, expected in cases:
         proc = run_cli("cl-train", f"trainer.resume={run}", *extra, cwd=cwd)
         lines = error_lines(proc)
@@ -195,6 +199,15 @@ def test_resuming_a_finished_run_names_the_checkpoint_it_read(finished, tmp_path
     assert not (tmp_path / "again" / "checkpoints").exists()
     # the run folder's .hydra/config.yaml says what ran: the checkpoint's config
     assert OmegaConf.load(tmp_path / "again" / ".hydra" / "config.yaml").trainer.seed == 5
+
+
+def test_a_resume_into_a_new_folder_removes_the_killed_runs_orphan_temporary_file(finished, tmp_path):
+    _, run = finished
+    orphan = run / "checkpoints" / f".last.pt.{checkpoint._HOST}.999999.abc123.tmp"  # a save killed by kill -9
+    orphan.write_bytes(b"half a checkpoint")
+    proc = run_cli("cl-train", f"trainer.resume={run}", "hydra.run.dir=elsewhere", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not orphan.exists()
 
 
 def test_damaged_and_non_finite_checkpoints_are_one_line(finished, tmp_path):
@@ -232,11 +245,88 @@ def test_a_diverged_model_never_overwrites_the_last_finite_checkpoint(tmp_path, 
             self.encoder.net[0][1].running_var.fill_(float("inf"))
 
     monkeypatch.setattr(SimCLR, "on_step_end", poison)
-    with pytest.raises(UserError, match=r"weights became non-finite \(encoder.net.0.1.running_var\) by step 20; "
+    with pytest.raises(UserError, match=r"weights became non-finite \(encoder.net.0.1.running_var\) by epoch 2, step 20; "
                                         r"last good checkpoint: .*last.pt"):
         run_training(compose_cfg("train", fast_train), tmp_path)
     kept = checkpoint.load(tmp_path / "checkpoints" / "last.pt")  # refuses non-finite weights itself
     assert kept["epoch"] == 1
+
+
+def test_weights_that_explode_but_stay_finite_stop_the_run_and_no_checkpoint_holds_them(tmp_path):
+    # the command: LARS at lr 1e30 takes the weights to ~1e28, finite, in one step
+    proc = run_cli("cl-train", "trainer.epochs=3", "optimizer.lr=1e30", "schedule.warmup_epochs=0",
+                   "trainer.batch_size=1024", "trainer.checkpoint_every=1", "hydra.run.dir=run", cwd=tmp_path)
+    lines = error_lines(proc)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-1].startswith("cl-train: error: weights exploded (norm ") and "by epoch 1, step 1" in lines[-1], lines
+    assert "no checkpoint was written (try a lower optimizer.lr than this run's 1e+30" in lines[-1], lines
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+
+
+def test_a_loss_far_above_its_first_value_is_a_divergence():
+    state = engine.TrainState(trace=[{"loss": 20.0}])
+    loop = engine.Loop(epochs=3, batch_size=8, lr=1.0)
+    engine._check_loss(19_999.0, state, 2, loop, Path("ckpts"))  # under 1000x the first: a bad phase, not a divergence
+    with pytest.raises(UserError, match=r"loss exploded to 2\.1e\+04 \(first 20\) at epoch 3, step 0; no checkpoint "
+                                        r"was written \(try a lower optimizer.lr than this run's 1, e.g. 0.1\)"):
+        engine._check_loss(21_000.0, state, 2, loop, Path("ckpts"))
+    small = engine.TrainState(trace=[{"loss": -0.01}])  # SimSiam starts near 0: the scale is at least 1
+    engine._check_loss(-999.0, small, 0, loop, Path("ckpts"))
+    with pytest.raises(UserError, match="loss exploded"):
+        engine._check_loss(-1001.0, small, 0, loop, Path("ckpts"))
+    with pytest.raises(UserError, match=r"loss became nan .*trainer.precision=bf16 / fp32"):  # fp32 helps fp16 only
+        engine._check_loss(float("nan"), small, 0, engine.Loop(epochs=3, batch_size=8, lr=1.0, precision="fp16"),
+                           Path("ckpts"))
+
+
+@pytest.mark.slow
+def test_the_divergence_message_gives_advice_that_works(tmp_path):
+    # VICReg under SGD (the failing default before LARS) diverges on digits in 3 epochs
+    proc = run_cli("cl-train", "method=vicreg", "optimizer=sgd", "trainer.precision=fp32", "trainer.epochs=3",
+                   "trainer.knn_monitor=false", "hydra.run.dir=diverged", cwd=tmp_path)
+    line = error_lines(proc)[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ("loss became nan" in line or "exploded" in line) and "precision" not in line, line
+    advised = line.split("e.g. ")[1].rstrip(")")
+    assert float(advised) == pytest.approx(0.006), line
+    proc = run_cli("cl-train", "method=vicreg", "optimizer=sgd", "trainer.precision=fp32", "trainer.epochs=3",
+                   "trainer.knn_monitor=false", f"optimizer.lr={advised}", "hydra.run.dir=advised", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import csv
+
+    with open(tmp_path / "advised" / "metrics.csv") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert losses[-1] < losses[0], losses
+
+
+def test_eval_embed_export_and_load_encoder_refuse_a_checkpoint_whose_features_are_not_finite(finished, tmp_path):
+    from contrastive_cli import load_encoder
+
+    _, run = finished
+    ckpt = checkpoint.load(run / "checkpoints" / "last.pt")
+    for name in ("encoder", "model"):  # finite weights of ~1e30: the features overflow (the 4.3e28 case)
+        for key, w in ckpt[name].items():
+            if w.is_floating_point() and w.ndim == 4:
+                ckpt[name][key] = w * 1e30
+    ckpt.pop("format")
+    huge = tmp_path / "huge.pt"
+    checkpoint.save_atomic(ckpt, huge)
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    expected = f"{huge}: its encoder gives non-finite features (nan/inf) on "
+    for prog, args in (("cl-eval", []), ("cl-embed", [f"input={tmp_path / 'imgs'}"]), ("cl-export", [])):
+        proc = run_cli(prog, f"checkpoint={huge}", *args, cwd=tmp_path)
+        lines = error_lines(proc)
+        assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert lines[0].startswith(f"{prog}: error: {expected}") and "an earlier checkpoint" in lines[0], lines
+    assert not list(tmp_path.rglob("embeddings.npy")) and not list(tmp_path.rglob("*.onnx"))
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_encoder(huge)
+    encoder, preprocess = load_encoder(run / "checkpoints" / "last.pt")  # a sane one: no grad unless asked
+    feats = encoder(preprocess(np.zeros((32, 32, 3), np.uint8)))
+    assert not feats.requires_grad and feats.numpy().shape[0] == 1
+    assert all(p.requires_grad for p in load_encoder(run / "checkpoints" / "last.pt", trainable=True)[0].parameters())
 
 
 # ------------------------------------------------------------------------------------------ sweeps
@@ -339,6 +429,72 @@ def test_a_warm_up_longer_than_the_run_is_named(tmp_path, fast_train, caplog):
         run_training(compose_cfg("train", [*fast_train, "trainer.epochs=1", "schedule.warmup_epochs=2"]), tmp_path)
     assert "schedule.warmup_epochs=2 is longer than the run (trainer.epochs=1): the lr only reaches 50% of its peak" \
         in caplog.text
+
+
+def test_a_batch_size_that_drops_over_a_tenth_of_the_images_is_named_with_one_that_does_not(
+        tmp_path, fast_train, caplog):
+    with caplog.at_level("WARNING"):
+        run_training(compose_cfg("train", [*fast_train, "trainer.epochs=1", "trainer.batch_size=1024"]), tmp_path)
+    assert ("trainer.batch_size=1024 drops 323 of the 1347 training images every epoch (only full batches train; a "
+            "different 323 each epoch); trainer.batch_size=673 would drop 1") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # 128: 67 of 1347 (5%), said nowhere
+        run_training(compose_cfg("train", [*fast_train, "trainer.epochs=1"]), tmp_path / "b")
+    assert "drops" not in caplog.text
+
+
+def test_a_queue_smaller_than_one_batch_is_refused_and_dino_without_multicrop_is_named(tmp_path, fast_train):
+    with pytest.raises(UserError, match=r"^method.queue_size=10: smaller than one step's entries \(\d+: \d per image of a "
+                                        r"global batch of 128\); use method.queue_size>=\d+$"):
+        run_training(compose_cfg("train", [*fast_train, "method=moco", "method.queue_size=10"]), tmp_path / "moco")
+    proc = run_cli("cl-train", "method=dino", "augmentation=simclr", "trainer.epochs=1", "trainer.batch_size=128",
+                   "encoder.width=8", "trainer.knn_monitor=false", "hydra.run.dir=dino", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DINO with a two-view augmentation: no multi-crop" in proc.stdout + proc.stderr
+
+
+def test_extending_a_finished_run_names_the_lr_of_its_extra_epochs_and_restart_gives_them_a_fresh_cosine(
+        tmp_path, fast_train, caplog):
+    import csv
+    import math
+
+    # warm-up off so the cosine's numbers are plain; log every step to read each step's lr
+    run_training(compose_cfg("train", [*fast_train, "schedule.warmup_epochs=0", "trainer.log_every=1"]), tmp_path / "a")
+    extend = [f"trainer.resume={tmp_path / 'a'}", "trainer.epochs=3"]
+    with caplog.at_level("INFO"):
+        run_training(compose_cfg("train", extend), tmp_path / "tail", extend)
+    # 10 steps per epoch, LARS lr 1.0: the cosine over 30 steps at step 20, then at 29
+    assert (f"the 1 epoch(s) beyond the 2 planned (steps 21-30) run at lr {0.5 * (1 + math.cos(math.pi * 20 / 30)):.3g} "
+            f"-> {0.5 * (1 + math.cos(math.pi * 29 / 30)):.3g}, the tail of a cosine over the new length; for a fresh "
+            "cosine over them add trainer.extend=restart (from trainer.extend_peak=0.1 x optimizer.lr = 0.1)") in caplog.text
+    caplog.clear()
+    again = [*extend, "trainer.extend=restart"]
+    with caplog.at_level("INFO"):
+        run_training(compose_cfg("train", again), tmp_path / "restart", again)
+    assert "trainer.extend=restart: the 1 epoch(s) beyond the 2 planned (steps 21-30) run a fresh cosine from lr 0.1" \
+        in caplog.text
+
+    def lr_after(run, step):
+        with open(tmp_path / run / "steps.csv") as f:
+            return next(float(r["lr"]) for r in csv.DictReader(f) if int(r["step"]) == step)
+
+    assert lr_after("restart", 21) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 1 / 10)))
+    assert lr_after("tail", 21) == pytest.approx(0.5 * (1 + math.cos(math.pi * 21 / 30)))
+    # the restart is stored: resuming the extended run keeps its schedule
+    assert checkpoint.load(tmp_path / "restart" / "checkpoints" / "last.pt")["extension"] == {"from_step": 20, "peak": 0.1}
+
+
+def test_resume_auto_starts_a_run_then_continues_it_in_its_folder(tmp_path):
+    fast = ["trainer.batch_size=128", "encoder.width=8", "trainer.knn_monitor=false", "schedule.warmup_epochs=0"]
+    first = run_cli("cl-train", "trainer.resume=auto", "hydra.run.dir=R", "trainer.epochs=1", *fast, cwd=tmp_path)
+    assert first.returncode == 0 and "no checkpoint in R yet: starting the run there" in first.stderr, first.stderr
+    again = run_cli("cl-train", "trainer.resume=auto", "hydra.run.dir=R", "trainer.epochs=2", *fast, cwd=tmp_path)
+    assert again.returncode == 0 and "trainer.resume=auto: continuing the run in R" in again.stderr, again.stderr
+    rows = (tmp_path / "R" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]  # epoch 1 once, then epoch 2
+    proc = run_cli("cl-train", "trainer.resume=auto", *fast, cwd=tmp_path)
+    assert proc.returncode == 1 and error_lines(proc) == ["cl-train: error: trainer.resume=auto: needs hydra.run.dir="
+                                                          "<the run's folder> (the folder a requeued job continues in)"]
 
 
 def test_eval_help_lists_no_training_groups_and_eval_log_is_written(finished, tmp_path):

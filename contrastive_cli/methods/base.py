@@ -84,7 +84,11 @@ class Method(nn.Module, abc.ABC):
         QUEUE_FRACTION of the training images, never below one step's entries. `what` names the queue
         and what its entries are (a log line's words)."""
         size = len(self.queue)
-        limit = max(run.global_batch * per_image, int(run.train_images * QUEUE_FRACTION) * per_image)
+        step = run.global_batch * per_image
+        if 0 < size < step:  # it would hold only part of the last batch's own entries
+            raise UserError(f"method.queue_size={size}: smaller than one step's entries ({step}: {per_image} per image "
+                            f"of a global batch of {run.global_batch}); use method.queue_size>={step}")
+        limit = max(step, int(run.train_images * QUEUE_FRACTION) * per_image)
         if size <= limit:
             return []
         self.queue = self.queue[:limit].clone()
