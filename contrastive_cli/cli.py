@@ -645,3 +645,18 @@ def export() -> None:
 
 if __name__ == "__main__":
     train()
+
+
+def torchrun() -> None:
+    """`cl-torchrun [torchrun's options] -m contrastive_cli.train [overrides]`: torchrun itself, except that
+    a SIGTERM / SIGINT to it (a cluster's preemption) ends in one line instead of its agent's traceback;
+    its ranks stop as under cl-train, each after its step, rank 0 with a checkpoint."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    try:
+        main()
+    except SignalException as e:
+        print(f"cl-torchrun: stopped by {e.sigval.name}; continue with trainer.resume=<the run folder>",
+              file=sys.stderr, flush=True)
+        sys.exit(128 + int(e.sigval))

@@ -180,6 +180,27 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_and_resume_equals_the_str
     assert_same(straight, torch.load(run / "checkpoints" / "last.pt", weights_only=True))
 
 
+def test_sigterm_to_cl_torchrun_by_hand_is_one_line_not_torchruns_traceback(tmp_path):
+    """The README's by-hand launch (torchrun's options, then -m contrastive_cli.train) under cl-torchrun:
+    plain torchrun's agent answers a SIGTERM with a SignalException traceback."""
+    run = tmp_path / "R"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cut = subprocess.Popen([str(BIN / "cl-torchrun"), "--standalone", "--nproc_per_node=2", "-m", "contrastive_cli.train",
+                            "trainer.epochs=20", "trainer.batch_size=32", "encoder.width=8", "trainer.knn_monitor=false",
+                            f"hydra.run.dir={run}"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "last.pt").exists() and cut.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    cut.send_signal(signal.SIGTERM)
+    stderr = cut.communicate(timeout=300)[1]
+    assert cut.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
+    lines = [ln for ln in stderr.splitlines() if ln.startswith(("cl-train:", "cl-torchrun:"))]
+    assert lines[0].startswith("cl-train: stopped by SIGTERM at ") and lines[-1] == (
+        "cl-torchrun: stopped by SIGTERM; continue with trainer.resume=<the run folder>"), stderr[-2000:]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] > 0
+
+
 @pytest.mark.parametrize(("name", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_signal_before_training_is_one_line(tmp_path, name, status):
     proc = trapped(f"load_{name}", 0, *FAST, cwd=tmp_path)
