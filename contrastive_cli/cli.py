@@ -401,12 +401,13 @@ def _discard_if_bare(run_dir: Path) -> None:
 
     from hydra.types import RunMode
 
-    if HydraConfig.get().mode != RunMode.RUN or not run_dir.is_dir():
+    outputs = (Path.cwd() / "outputs").resolve()
+    # only the dated folders made under ./outputs: a folder the user named may be theirs (even the cwd)
+    if HydraConfig.get().mode != RunMode.RUN or not run_dir.is_dir() or not run_dir.resolve().is_relative_to(outputs):
         return
     bare = {".hydra", ".lock", "error.txt", f"{HydraConfig.get().job.name}.log"}
     if all(p.name in bare for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
-        outputs = (Path.cwd() / "outputs").resolve()
         for parent in run_dir.resolve().parents:  # outputs/train/<date>, emptied: gone too
             if not parent.is_relative_to(outputs) or any(parent.iterdir()):
                 break
