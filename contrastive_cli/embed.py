@@ -149,6 +149,11 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
             result["neighbours"] = _neighbours(cfg, emb, rows, queries, size, channels, tmp[3], tmp[4])
             result["neighbours"]["png"] = str(out_dir / "neighbours.png")
         tmp[2].write_text(json.dumps(result, indent=2) + "\n")
+    if cfg.neighbours and ckpt_path.parent.name == "checkpoints":  # the training run's tracker gets the picture
+        from .loggers import eval_to_tracker
+
+        eval_to_tracker(train_cfg, ckpt_path.parent.parent, {}, {"neighbours": out_dir / "neighbours.png"},
+                        int(ckpt["step"]))
     return result
 
 

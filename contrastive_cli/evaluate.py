@@ -250,5 +250,12 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
     log.info("k-NN top-1 (k=%d, T=%g) %.4f, 5-NN top-1 %.4f, linear top-1 %.4f on %d test images; wrote %s",
              e.knn_k, e.knn_temperature, result["knn_top1"], result["knn5_top1"], result["linear_top1"],
              result["n_test"], out / "eval.json")
+    if ckpt_path.parent.name == "checkpoints":  # a checkpoint in its run folder: that run's tracker too
+        from .loggers import eval_to_tracker
+
+        suffix = "" if target is ds else f"_{target.name}"
+        eval_to_tracker(train_cfg, ckpt_path.parent.parent,
+                        {f"{k}{suffix}": result[k] for k in ("knn_top1", "knn5_top1", "linear_top1")},
+                        {f"tsne{suffix}": out / "tsne.png"}, int(ckpt["step"]))
     return result
 

@@ -8,6 +8,8 @@ once at the end (in a `finally`), `close()`.
 from __future__ import annotations
 
 import importlib
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError, check
+
+log = logging.getLogger(__name__)
+WANDB_RUN = "wandb_run.json"  # in a run folder trained with logger=wandb: how to reach its W&B run again
 
 # Where each known scalar goes in the tracker's tree; unknown names land under train/.
 SECTIONS = {"loss": "train", "lr": "train", "emb_std": "monitor", "neg_cos": "monitor", "knn_top1": "monitor"}
@@ -140,6 +145,9 @@ class WandbLogger:
                                   mode=mode, config=run_config, reinit=True)
         except wandb.errors.UsageError as e:  # no API key online, a bad entity, ...: one line
             raise UserError(f"logger=wandb: {e}") from None
+        # for cl-eval / cl-embed, which add their results to this run later (eval_to_tracker)
+        (Path(run_dir) / WANDB_RUN).write_text(json.dumps({"id": self.run.id, "project": project, "entity": entity,
+                                                           "mode": "offline" if self.run.offline else mode}) + "\n")
 
     def log(self, scalars: dict[str, float | None], step: int) -> None:
         self.run.log(tagged(scalars), step=step)
@@ -171,3 +179,37 @@ def _wandb_key() -> bool:
     except (OSError, netrc.NetrcParseError):
         return False
     return bool(auth and auth[2])
+
+
+def eval_to_tracker(train_cfg, run_dir: Path, scalars: dict[str, float], images: dict[str, Path], step: int) -> None:
+    """cl-eval's and cl-embed's results into the tracker of the training run they read (its TensorBoard
+    folder; its W&B run, resumed by id), under eval/, at the checkpoint's step. Nothing when that run used
+    none; a tracker that cannot be reached is one warning, never the command's failure."""
+    target = str(OmegaConf.select(train_cfg, "logger._target_", default="") or "")
+    try:
+        if target.endswith("TensorBoardLogger") and (run_dir / "tensorboard").is_dir():
+            require("tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            for name, value in scalars.items():
+                writer.add_scalar(f"eval/{name}", value, global_step=step)
+            for name, path in images.items():
+                pixels = read_png(path)
+                if pixels is not None:
+                    writer.add_image(f"eval/{name}", pixels, global_step=step, dataformats="HWC")
+            writer.close()
+            log.info("added to the run's TensorBoard: %s", run_dir / "tensorboard")
+        elif target.endswith("WandbLogger") and (run_dir / WANDB_RUN).is_file():
+            info = json.loads((run_dir / WANDB_RUN).read_text())
+            wandb = require("wandb")
+            if (info.get("mode") or os.environ.get("WANDB_MODE") or "online") == "online" and not _wandb_key():
+                raise UserError("no W&B API key (WANDB_API_KEY or `wandb login`)")
+            run = wandb.init(id=info["id"], resume="allow", project=info.get("project"), entity=info.get("entity"),
+                             mode=info.get("mode"), dir=str(run_dir), reinit=True)
+            run.log({**{f"eval/{k}": v for k, v in scalars.items()},
+                     **{f"eval/{k}": wandb.Image(str(p)) for k, p in images.items() if Path(p).is_file()}})
+            run.finish()
+            log.info("added to the run's W&B run %s", info["id"])
+    except (UserError, ImportError, OSError, ValueError) as e:
+        log.warning("the run's tracker did not take the results (%s); they are in the files above", e)

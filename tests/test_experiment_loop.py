@@ -166,3 +166,31 @@ def test_tensorboard_logger_gets_the_runs_scalars(tmp_path, fast_train):
     knn = events.Scalars("monitor/knn_top1")
     assert [e.step for e in knn] == [r["step"] for r in history]
     assert [e.value for e in knn] == pytest.approx([r["knn_top1"] for r in history])
+    # cl-eval of that run's checkpoint adds its numbers and its t-SNE to the same TensorBoard, at its step
+    result = run_evaluation(compose_cfg("eval", [f"checkpoint={tmp_path / 'checkpoints' / 'last.pt'}",
+                                                 "eval.linear_max_iter=20", "eval.tsne_samples=200"]), tmp_path / "e")
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert sorted(events.Tags()["images"]) == ["eval/tsne", "loss"]  # loss.png from the run itself
+    assert events.Images("eval/tsne")[0].step == history[-1]["step"]
+    assert events.Scalars("eval/knn_top1")[0].value == pytest.approx(result["knn_top1"])
+    from contrastive_cli.embed import run_embed  # and cl-embed its neighbours picture
+
+    run_embed(compose_cfg("embed", [f"checkpoint={tmp_path / 'checkpoints' / 'last.pt'}", "input=digits",
+                                    "neighbours=3"]), tmp_path / "emb")
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert "eval/neighbours" in events.Tags()["images"]
+
+
+def test_wandb_run_gets_the_eval_results_of_its_checkpoint(tmp_path, fast_train, monkeypatch):
+    pytest.importorskip("wandb", reason="the [wandb] extra is not installed")
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network here: the run and its resumption are offline
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_training(compose_cfg("train", [*fast_train, "trainer.epochs=1", "logger=wandb"]), tmp_path / "run")
+    run_id = json.loads((tmp_path / "run" / "wandb_run.json").read_text())["id"]
+    run_evaluation(compose_cfg("eval", [f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}",
+                                        "eval.linear_max_iter=20", "eval.tsne_samples=200"]), tmp_path / "e")
+    runs = sorted((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2  # the training run, then cl-eval resuming it by id
+    assert list((runs[-1] / "files" / "media" / "images" / "eval").glob("tsne_*.png"))
