@@ -65,3 +65,16 @@ def fast_train() -> list[str]:
     """Overrides that make a digits run take seconds on a CPU."""
     return ["trainer.epochs=2", "trainer.batch_size=128", "encoder.width=8", "method.proj_hidden_dim=64",
             "method.proj_dim=32", "trainer.knn_monitor=false"]
+
+
+@pytest.fixture(scope="session")
+def digits_ckpt(tmp_path_factory):
+    """A small_cnn trained one epoch on digits (1 channel, 32 px, fast settings), for the tests of what
+    reads a checkpoint (cl-eval, cl-embed, cl-export, load_encoder); they only read it."""
+    from contrastive_cli.train import run_training
+
+    run = tmp_path_factory.mktemp("digits") / "run"
+    run_training(compose_cfg("train", ["trainer.epochs=1", "trainer.batch_size=128", "encoder.width=8",
+                                       "method.proj_hidden_dim=32", "method.proj_dim=16", "trainer.knn_monitor=false",
+                                       "trainer.progress=none"]), run)
+    return run / "checkpoints" / "last.pt"

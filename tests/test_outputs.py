@@ -13,17 +13,6 @@ from conftest import compose_cfg, error_lines, run_cli
 
 from contrastive_cli import cli, files
 from contrastive_cli.errors import UserError
-from contrastive_cli.train import run_training
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A small_cnn trained one epoch on digits (fast settings: only the files matter here)."""
-    run = tmp_path_factory.mktemp("digits") / "run"
-    run_training(compose_cfg("train", ["trainer.epochs=1", "trainer.batch_size=128", "encoder.width=8",
-                                       "method.proj_hidden_dim=32", "method.proj_dim=16", "trainer.knn_monitor=false",
-                                       "trainer.progress=none"]), run)
-    return run / "checkpoints" / "last.pt"
 
 
 def test_whole_renames_all_files_together_or_leaves_none(tmp_path):
@@ -45,7 +34,7 @@ def test_whole_renames_all_files_together_or_leaves_none(tmp_path):
     assert stat.S_IMODE(a.stat().st_mode) == 0o644 == stat.S_IMODE(b.stat().st_mode)  # not mkstemp's 0600
 
 
-def test_a_sigterm_while_cl_embed_writes_leaves_none_of_its_files(tmp_path, ckpt, monkeypatch):
+def test_a_sigterm_while_cl_embed_writes_leaves_none_of_its_files(tmp_path, digits_ckpt, monkeypatch):
     from contrastive_cli.embed import run_embed
 
     real_writer = csv.writer
@@ -61,18 +50,18 @@ def test_a_sigterm_while_cl_embed_writes_leaves_none_of_its_files(tmp_path, ckpt
         monkeypatch.setattr(csv, "writer", writer_then_sigterm)
         out = tmp_path / "embed"
         with pytest.raises(cli._Terminated):
-            run_embed(compose_cfg("embed", [f"checkpoint={ckpt}", "input=digits", "neighbours=4"]), out)
+            run_embed(compose_cfg("embed", [f"checkpoint={digits_ckpt}", "input=digits", "neighbours=4"]), out)
     finally:
         signal.signal(signal.SIGTERM, old)
     assert os.listdir(out) == []  # no embeddings.npy, no index.csv, no temporary file
     monkeypatch.undo()
-    run_embed(compose_cfg("embed", [f"checkpoint={ckpt}", "input=digits", "neighbours=4"]), out)
+    run_embed(compose_cfg("embed", [f"checkpoint={digits_ckpt}", "input=digits", "neighbours=4"]), out)
     assert sorted(os.listdir(out)) == ["embed.json", "embeddings.npy", "index.csv", "neighbours.csv", "neighbours.png"]
     with open(out / "index.csv") as f:
         assert sum(1 for _ in f) == 1 + 1797
 
 
-def test_a_failing_tsne_leaves_no_png_and_no_eval_json(tmp_path, ckpt, monkeypatch):
+def test_a_failing_tsne_leaves_no_png_and_no_eval_json(tmp_path, digits_ckpt, monkeypatch):
     from contrastive_cli import evaluate
 
     def half_png(feats, labels, classes, path, *args):
@@ -81,29 +70,29 @@ def test_a_failing_tsne_leaves_no_png_and_no_eval_json(tmp_path, ckpt, monkeypat
 
     monkeypatch.setattr(evaluate, "tsne_png", half_png)
     with pytest.raises(KeyboardInterrupt):
-        evaluate.run_evaluation(compose_cfg("eval", [f"checkpoint={ckpt}", "eval.linear_max_iter=20"]), tmp_path / "e")
+        evaluate.run_evaluation(compose_cfg("eval", [f"checkpoint={digits_ckpt}", "eval.linear_max_iter=20"]), tmp_path / "e")
     assert not (tmp_path / "e").exists() or os.listdir(tmp_path / "e") == []
 
 
-def test_export_follows_the_umask_and_names_out_when_it_cannot_write(tmp_path, ckpt):
+def test_export_follows_the_umask_and_names_out_when_it_cannot_write(tmp_path, digits_ckpt):
     out = tmp_path / "enc.pt"
-    proc = run_cli("cl-export", f"checkpoint={ckpt}", "format=state_dict", f"out={out}", cwd=tmp_path)
+    proc = run_cli("cl-export", f"checkpoint={digits_ckpt}", "format=state_dict", f"out={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert stat.S_IMODE(out.stat().st_mode) == 0o644 == stat.S_IMODE((tmp_path / "enc.pt.json").stat().st_mode)
     (tmp_path / "a_file").write_text("")
     bad = tmp_path / "a_file" / "enc.pt"  # its folder is a file (a read-only folder does not stop root)
-    proc = run_cli("cl-export", f"checkpoint={ckpt}", "format=state_dict", f"out={bad}", cwd=tmp_path)
+    proc = run_cli("cl-export", f"checkpoint={digits_ckpt}", "format=state_dict", f"out={bad}", cwd=tmp_path)
     lines = error_lines(proc)
     assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith(f"cl-export: error: out={bad}: cannot write") and ".tmp" not in lines[0], lines
 
 
-def test_an_unwritable_embed_folder_is_one_line_naming_the_file(tmp_path, ckpt):
+def test_an_unwritable_embed_folder_is_one_line_naming_the_file(tmp_path, digits_ckpt):
     from contrastive_cli.embed import run_embed
 
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match=r"a_file/embeddings.npy: cannot write it \(") as e:
-        run_embed(compose_cfg("embed", [f"checkpoint={ckpt}", "input=digits", "neighbours=0"]), tmp_path / "a_file")
+        run_embed(compose_cfg("embed", [f"checkpoint={digits_ckpt}", "input=digits", "neighbours=0"]), tmp_path / "a_file")
     assert ".tmp" not in str(e.value)
 
 

@@ -45,16 +45,6 @@ def add_bad_files(folder) -> None:
     (folder / "notes.txt").write_text("not an image")  # not an image extension: ignored
 
 
-@pytest.fixture(scope="module")
-def digits_ckpt(tmp_path_factory):
-    """A small_cnn trained one epoch on digits: 1 channel, 32 px."""
-    run = tmp_path_factory.mktemp("digits") / "run"
-    run_training(compose_cfg("train", ["trainer.epochs=1", "trainer.batch_size=128", "encoder.width=8",
-                                       "method.proj_hidden_dim=32", "method.proj_dim=16", "trainer.knn_monitor=false",
-                                       "trainer.progress=none"]), run)
-    return run / "checkpoints" / "last.pt"
-
-
 # ---------------------------------------------------------------------------------- training, cl-eval
 
 def test_a_flat_folder_trains_without_labels_and_cl_eval_points_to_cl_embed(tmp_path, caplog):
