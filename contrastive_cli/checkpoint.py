@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .files import FILE_MODE
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,6 @@ FORMAT = "contrastive_cli/2"  # /2: with a checksum; /1 files (no checksum) stil
 OLD_FORMATS = ("contrastive_cli/1",)
 REQUIRED = ("config", "epoch", "step", "history", "model", "encoder", "optimizer", "scheduler", "scaler", "rng")
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())  # a part of a file name, without dots
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def payload_digest(payload: dict) -> str:
@@ -84,7 +83,7 @@ def save_atomic(payload: dict, path: str | Path, *also: str | Path) -> None:
 def _write_then_rename(path: Path, write, source: Path | None = None) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it 0600; a checkpoint is as readable as any output
+        os.fchmod(fd, FILE_MODE)  # a checkpoint is as readable as any output
         if source is not None:
             try:  # never rewritten in place (always replaced by a rename), so sharing the inode is safe
                 os.close(fd)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from .errors import UserError
 
-_UMASK = os.umask(0o022)
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file; mkstemp gives 0600
 
 
 @contextmanager
@@ -34,7 +35,7 @@ def whole(*paths: str | Path, label: str | None = None) -> Iterator[list[Path]]:
             temps.append(Path(tmp))
         yield temps
         for tmp in temps:
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: outputs are as readable as any file
+            os.chmod(tmp, FILE_MODE)  # outputs are as readable as any file
         with _signals_held():
             for tmp, t in zip(temps, targets, strict=True):
                 os.replace(tmp, t)
@@ -72,7 +73,7 @@ def run_lock(folder: str | Path) -> Iterator[None]:
     path = Path(folder) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
