@@ -502,9 +502,16 @@ def eval_job(cfg: DictConfig) -> dict | None:
     result = _guarded("cl-eval", lambda: run_evaluation(cfg, out_dir, _overrides()), out_dir)
     if result is None:
         return None
-    rows = [("dataset", result["dataset"]), ("n_train / n_test", f"{result['n_train']} / {result['n_test']}"),
-            ("k-NN top-1 (k=200)", f"{result['knn_top1']:.4f}"), ("5-NN top-1", f"{result['knn5_top1']:.4f}"),
-            ("linear top-1", f"{result['linear_top1']:.4f}")]
+    rows = [("dataset", result["dataset"])]
+    if "knn_top1" in result:
+        rows += [("n_train / n_test", f"{result['n_train']} / {result['n_test']}"),
+                 ("k-NN top-1 (k=200)", f"{result['knn_top1']:.4f}"), ("5-NN top-1", f"{result['knn5_top1']:.4f}"),
+                 ("linear top-1", f"{result['linear_top1']:.4f}")]
+    if "zeroshot_top1" in result:
+        rows += [("zero-shot top-1 / top-5", f"{result['zeroshot_top1']:.4f} / {result['zeroshot_top5']:.4f}")]
+    if "i2t_r1" in result:
+        rows += [(f"{name} R@1/5/10", " / ".join(f"{result[f'{d}_r{k}']:.4f}" for k in (1, 5, 10)))
+                 for d, name in (("i2t", "image->text"), ("t2i", "text->image"))]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     print(f"wrote {out_dir / 'eval.json'}")

@@ -98,6 +98,8 @@ class EvalCfg:
     linear_max_iter: int = 1000
     linear_backend: str = "auto"
     seed: int = 0
+    templates: str | None = None  # image-text checkpoints: a file of zero-shot prompts ({} = class name)
+    classnames: str | None = None  # ... and of class names, one per line in class order
 
     def __post_init__(self) -> None:
         check_device("eval.device", self.device)
@@ -116,8 +118,9 @@ class EvalPathsCfg:
     image_root: str | None = None  # None: the image folder stored in the checkpoint
 
 
-DATASET_KEYS = ("name", "image_size", "channels", "num_classes", "mean", "std", "flip_p", "source")
-TRAIN_KEYS = ("method", "encoder", "dataset", "augmentation", "optimizer", "trainer", "schedule", "paths", "logger")
+DATASET_KEYS = ("name", "image_size", "channels", "num_classes", "mean", "std", "flip_p", "source", "captions")
+TRAIN_KEYS = ("method", "encoder", "dataset", "augmentation", "optimizer", "trainer", "schedule", "paths", "logger",
+              "text_encoder")
 EVAL_KEYS = ("checkpoint", "eval", "paths", "dataset")
 
 
@@ -187,8 +190,9 @@ def validate_train(cfg: DictConfig) -> tuple[TrainerCfg, ScheduleCfg]:
     for group in ("method", "encoder", "augmentation", "optimizer"):
         check("_target_" in cfg[group], f"{group}: needs a _target_")
         check_target_keys(cfg[group], group)
-    if cfg.get("logger") is not None:
-        check_target_keys(cfg.logger, "logger")
+    for group in ("logger", "text_encoder"):
+        if cfg.get(group) is not None:
+            check_target_keys(cfg[group], group)
     extra = [k for k in cfg.dataset if k not in DATASET_KEYS]
     check(not extra, f"dataset.{extra[0] if extra else ''}: unknown key; allowed: {', '.join(DATASET_KEYS)}")
     check_target_keys(cfg.dataset.source, "dataset.source")
@@ -222,7 +226,10 @@ def stand_in_method(cfg: DictConfig):
 
     stand_in = torch.nn.Linear(1, 8)
     stand_in.feature_dim = 8
-    return build(cfg.method, "method")(encoder=stand_in)
+    towers = {"encoder": stand_in}
+    if cfg.get("text_encoder") is not None:  # the real one: its settings' checks run here too
+        towers["text_encoder"] = build(cfg.text_encoder, "text_encoder", embed_dim=cfg.method.get("embed_dim", 8))
+    return build(cfg.method, "method")(**towers)
 
 
 EMBED_KEYS = ("checkpoint", "input", "batch_size", "normalize", "neighbours", "queries", "num_queries", "seed",

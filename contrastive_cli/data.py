@@ -43,6 +43,10 @@ class TensorImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
 
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of rows idx at once (what in-memory datasets share: captions.PairImages too)."""
+        return self.images[idx], self.labels[idx]
+
 
 class FolderImages(Dataset):
     """Lazy images from files, decoded and resized to a fixed square size in the worker."""
@@ -204,8 +208,8 @@ class _AugmentedBatches(Dataset):
     def __getitem__(self, k: int):
         k += self.start  # the seed follows the batch's place in the epoch, not in this (resumed) pass
         idx = self.batches[k]
-        if isinstance(self.data, TensorImages):
-            x, y = self.data.images[idx], self.data.labels[idx]
+        if hasattr(self.data, "take"):
+            x, y = self.data.take(idx)
         else:
             items = [self.data[int(i)] for i in idx]
             x, y = torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items])
@@ -241,11 +245,10 @@ def iterate_batches(
                               num_workers=workers, pin_memory=pin, persistent_workers=False,
                               generator=_own_generator(seed, epoch, rank))
         return
-    if isinstance(data, TensorImages):
+    if hasattr(data, "take"):  # held in memory
         stop = n - n % batch_size if drop_last else n
         for first in range(start * batch_size, stop, batch_size):
-            idx = order[first : first + batch_size]
-            x, y = data.images[idx], data.labels[idx]
+            x, y = data.take(order[first : first + batch_size])
             yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
         return
     loader = DataLoader(

@@ -162,7 +162,7 @@ def loss_png(history: list[dict], trace: list[dict], path, title: str = "", moni
     else:
         ax_knn.text(0.5, 0.5, "no online k-NN\n(trainer.knn_every=N turns it on)", ha="center", va="center",
                     transform=ax_knn.transAxes, color="gray")
-    ax_knn.set_ylabel("online k-NN top-1 (k=200)")
+    ax_knn.set_ylabel("online k-NN top-1 (k=200)" if monitor == "knn_top1" else f"online {monitor}")
     for ax in (ax_col, ax_knn):
         ax.set_xlabel("step")
     for ax in axes.flat:
@@ -187,6 +187,7 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
     from .config import build, move_data, run_settings, validate_eval
     from .data import has_class_folders
     from .parts import resolve_device, unlabeled_message
+    from .zeroshot import image_text_eval, is_image_text
 
     e, paths = validate_eval(cfg)
     ckpt_path, ckpt = checkpoint.for_use(cfg.checkpoint)
@@ -217,8 +218,21 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
             raise
         where = "paths.image_root=<its folder now>" if ds.name == "imagefolder" else "paths.data_dir=<where it is now>"
         raise UserError(f"{err} (if the data has moved since training, give {where})") from None
+    out = Path(out_dir)
+    run = ckpt.get("run") or {}
+    base = {"checkpoint": str(ckpt_path.resolve()), "dataset": target.name, "pretrained_on": ds.name,
+            "transfer": target is not ds, "method": train_cfg.method._target_, "epoch": ckpt["epoch"]}
+    text = image_text_eval(ckpt, ckpt_path, splits, target, e, device) if is_image_text(train_cfg) else {}
     if not splits.labeled:
-        raise UserError(unlabeled_message(target, "cl-eval has nothing to score against"))
+        if not text:
+            raise UserError(unlabeled_message(target, "cl-eval has nothing to score against"))
+        result = {**base, **text, "overrides": run.get("overrides", []), "eval_overrides": list(overrides or [])}
+        with files.whole(out / "eval.json") as tmp:
+            tmp[0].write_text(json.dumps(result, indent=2) + "\n")
+        log.info("retrieval on %d held-out images / %d captions: image->text R@1/5/10 %.4f/%.4f/%.4f, text->image "
+                 "%.4f/%.4f/%.4f; wrote %s", text["n_retrieval_images"], text["n_retrieval_captions"],
+                 *[text[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)], out / "eval.json")
+        return result
     tr_f, tr_y = extract_features(encoder, splits.eval_train, target.mean, target.std, device, e.batch_size,
                                   "train features")
     te_f, te_y = extract_features(encoder, splits.test, target.mean, target.std, device, e.batch_size, "test features")
@@ -226,18 +240,14 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
     check_features(te_f, ckpt_path, f"{target.name}'s test split")
     classes = list(getattr(splits.test, "classes", []))
     n_cls = max(len(classes), int(max(tr_y.max(), te_y.max())) + 1)
-    out = Path(out_dir)
     on_dev = [t.to(device) for t in (tr_f, tr_y, te_f, te_y)]  # k-NN as chunked matmuls on the device
-    run = ckpt.get("run") or {}
     result = {
-        "checkpoint": str(ckpt_path.resolve()), "dataset": target.name, "pretrained_on": ds.name,
-        "transfer": target is not ds, "method": train_cfg.method._target_, "epoch": ckpt["epoch"],
-        "n_train": len(tr_f), "n_test": len(te_f), "feature_dim": int(tr_f.shape[1]),
+        **base, "n_train": len(tr_f), "n_test": len(te_f), "feature_dim": int(tr_f.shape[1]),
         "knn_top1": knn_top1(*on_dev, n_cls, e.knn_k, e.knn_temperature),
         "knn5_top1": knn_top1(*on_dev, n_cls, k=5, weighted=False),
         "linear_top1": linear_probe(tr_f, tr_y, te_f, te_y, e.linear_max_iter, e.seed, device, e.linear_backend),
         "overrides": run.get("overrides", []), "settings": run_settings(train_cfg, run.get("choices")),
-        "eval_overrides": list(overrides or []),
+        "eval_overrides": list(overrides or []), **text,
     }
     with files.whole(out / "eval.json", *[out / "tsne.png"] * (e.tsne_samples > 1)) as tmp:  # both or neither
         if e.tsne_samples > 1:
@@ -250,6 +260,9 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
     log.info("k-NN top-1 (k=%d, T=%g) %.4f, 5-NN top-1 %.4f, linear top-1 %.4f on %d test images; wrote %s",
              e.knn_k, e.knn_temperature, result["knn_top1"], result["knn5_top1"], result["linear_top1"],
              result["n_test"], out / "eval.json")
+    if "zeroshot_top1" in text:
+        log.info("zero-shot top-1 %.4f, top-5 %.4f (%d prompt templates)", text["zeroshot_top1"],
+                 text["zeroshot_top5"], text["zeroshot_templates"])
     if ckpt_path.parent.name == "checkpoints":  # a checkpoint in its run folder: that run's tracker too
         from .loggers import eval_to_tracker
 

@@ -260,3 +260,30 @@ def cpc_info_nce(pred: Tensor, keys: Tensor, target: Tensor) -> Tensor:
     against every key (P x D: the patch features of all positions of all images); the positive of
     prediction m is key target[m]. log P - this loss is the bound on I(x; c) the paper names."""
     return F.cross_entropy(pred @ keys.t(), target)
+
+
+@fp32
+def clip_loss(image: Tensor, text: Tensor, image_all: Tensor, text_all: Tensor, logit_scale: Tensor,
+              offset: int = 0) -> Tensor:
+    """CLIP (Radford et al. 2021): the mean of the image->text and text->image cross-entropies over
+    cosine similarities times exp(logit_scale). image, text: this process's n rows; *_all: the rows
+    of every process (the same tensors with one process), so row i's caption sits at offset + i
+    (open_clip's "local loss": each process scores its own rows against the global batch)."""
+    image, text = F.normalize(image, dim=1), F.normalize(text, dim=1)
+    image_all, text_all = F.normalize(image_all, dim=1), F.normalize(text_all, dim=1)
+    scale = logit_scale.exp()
+    target = torch.arange(len(image), device=image.device) + offset
+    return (F.cross_entropy(scale * image @ text_all.t(), target)
+            + F.cross_entropy(scale * text @ image_all.t(), target)) / 2
+
+
+@fp32
+def siglip_loss(image: Tensor, text_all: Tensor, logit_scale: Tensor, logit_bias: Tensor, offset: int = 0) -> Tensor:
+    """SigLIP (Zhai et al. 2023): every (image, caption) pair is a binary question, +1 for an image's
+    own caption (column offset + i) and -1 for every other, -log sigmoid(label * (exp(t) cos + b))
+    summed over the columns and averaged over this process's n images."""
+    image, text_all = F.normalize(image, dim=1), F.normalize(text_all, dim=1)
+    logits = logit_scale.exp() * image @ text_all.t() + logit_bias
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(len(image), device=image.device), torch.arange(len(image), device=image.device) + offset] = 1
+    return -F.logsigmoid(labels * logits).sum() / len(image)

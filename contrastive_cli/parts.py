@@ -23,12 +23,17 @@ def resolve_device(name: str) -> torch.device:
 def build_model(cfg: DictConfig):
     """Encoder and method from the config; shared by training, resume and evaluation. The encoder
     returned is the method's (CPC's wraps the configured one): what checkpoints store and cl-eval runs."""
-    method = build(cfg.method, "method")(encoder=build(cfg.encoder, "encoder"))
+    towers = {"encoder": build(cfg.encoder, "encoder")}
+    if cfg.get("text_encoder") is not None:  # the image-text methods' second tower, in their shared space
+        towers["text_encoder"] = build(cfg.text_encoder, "text_encoder", embed_dim=cfg.method.embed_dim)
+    method = build(cfg.method, "method")(**towers)
     return method.encoder, method
 
 
 def unlabeled_message(ds, what: str) -> str:
     """One line for a dataset without labels: what cannot be done, and cl-embed instead."""
+    if ds.name == "pairs":
+        return f"dataset pairs ({ds.source.path}) has captions but no class labels: {what}; cl-eval scores retrieval on the held-out pairs"
     root = ds.source.get("root", "<folder>")
     return (f"dataset {ds.name} at {root} has no labels (a flat folder or a single class): {what}; k-NN and the "
             f"linear probe need class sub-folders (root/<class>/<image>); for embeddings and nearest neighbours "

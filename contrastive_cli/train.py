@@ -28,7 +28,7 @@ from .config import (
     typed,
     validate_train,
 )
-from .data import TensorImages, num_batches
+from .data import num_batches
 from .engine import CollapseMonitor, Loop, Precision, TrainState, fit
 from .errors import Interrupted, UserError, check
 from .evaluate import extract_features, knn_top1, loss_png
@@ -36,6 +36,7 @@ from .methods.base import Method, RunShape
 from .momentum import SplitBatchNorm2d
 from .optim import build_optimizer, lr_factors, restarted, warmup_cosine
 from .parts import build_model, resolve_device, unlabeled_message
+from .zeroshot import zeroshot_monitor
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,9 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
                     type(method).__name__)
     splits = build(cfg.dataset.source, "dataset")
     train = splits.train
+    for line in method.use_data(train, cfg.dataset):
+        if rank == 0:
+            log.info(line)
     steps = check_data(cfg, t, splits, world, method, warn=rank == 0)
     # derived from the config and the data alone: a resumed run derives the same
     for line in [*getattr(augment, "notes", []), *method.adapt(RunShape(len(train), t.batch_size * world))]:
@@ -164,8 +168,11 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
     progress = t.progress if t.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
     if not splits.labeled and (t.knn_every or t.knn_monitor) and rank == 0:
         (log.warning if t.knn_every else log.info)(unlabeled_message(cfg.dataset, "the k-NN monitor is off"))
-    score = (knn_score(method.encoder, splits, cfg.dataset, device, progress == "bar")
-             if t.knn_every and splits.labeled else None)
+    image_text = hasattr(method, "embed_text")
+    score, monitor_name = None, "zeroshot_top1" if image_text else "knn_top1"
+    if t.knn_every and splits.labeled:
+        score = (zeroshot_monitor(method, splits.test, cfg.dataset, device, progress == "bar") if image_text
+                 else knn_score(method.encoder, splits, cfg.dataset, device, progress == "bar"))
     run = resume.get("run") if resume is not None else None
     run = run or {"overrides": list(overrides or []), "choices": _choices()}
     logger = None
@@ -175,7 +182,7 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
     wall = time.perf_counter()
     loop = Loop(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, workers=t.workers, log_every=t.log_every,
                 checkpoint_every=t.checkpoint_every, rank=rank, world=world, progress=progress,
-                progress_every=t.progress_every, monitor=score, monitor_every=t.knn_every or 1,
+                progress_every=t.progress_every, monitor=score, monitor_every=t.knn_every or 1, monitor_name=monitor_name,
                 on_log=logger.log if logger is not None else None, probe=feature_probe(method, train, cfg, device),
                 precision=str(t.precision) if prec.dtype != torch.float16 else "fp16", lr=lr)
     try:
@@ -298,7 +305,7 @@ def check_data(cfg: DictConfig, t: TrainerCfg, splits, world: int, method: Metho
     """What can be checked on the loaded data before training: channels, labels where the method
     needs them, at least one batch per epoch. Returns the steps per epoch."""
     train = splits.train
-    if isinstance(train, TensorImages):
+    if hasattr(train, "images"):  # held in memory
         check(train.images.shape[1] == cfg.dataset.channels,
               f"dataset.channels={cfg.dataset.channels}: the images have {train.images.shape[1]}")
     if method.needs_labels:  # checked up front: failing inside a DDP step would hang the other ranks
@@ -360,13 +367,18 @@ def _summarize(cfg, t: TrainerCfg, method: Method, splits, state: TrainState, ru
     if resumed_with is not None:
         summary["resumed_with"] = list(resumed_with)
     if state.best is not None:
-        summary.update(knn_best=round(state.best["value"], 4), knn_best_epoch=state.best["epoch"],
-                       best_checkpoint=str(run_dir / "checkpoints" / "best.pt"))
+        best = "knn" if state.best["key"] == "knn_top1" else state.best["key"]  # zeroshot_top1 for CLIP/SigLIP
+        summary.update({f"{best}_best": round(state.best["value"], 4), f"{best}_best_epoch": state.best["epoch"],
+                        "best_checkpoint": str(run_dir / "checkpoints" / "best.pt")})
     title = f"{summary['settings']['method']} on {cfg.dataset.name}"
+    image_text = hasattr(method, "embed_text")
     if state.history:
-        loss_png(state.history, state.trace, run_dir / "loss.png", title)
+        loss_png(state.history, state.trace, run_dir / "loss.png", title, "zeroshot_top1" if image_text else "knn_top1")
     if (t.knn_monitor or t.knn_every) and splits.labeled:
         summary.update(final_knn(method.encoder, splits, cfg.dataset, device, bars))
+        if image_text:
+            summary["zeroshot_top1"] = zeroshot_monitor(method, splits.test, cfg.dataset, device, bars)()
+            log.info("zero-shot top-1 on the test split (held-out prompts): %.4f", summary["zeroshot_top1"])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("checkpoint: %s", summary["checkpoint"])
     return summary

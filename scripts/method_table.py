@@ -82,6 +82,8 @@ def main() -> None:
             result = json.loads(sorted(cwd.glob("outputs/eval/*/*/eval.json"))[-1].read_text())
             row.update(eval_wall_s=round(eval_s, 1), knn_top1=round(result["knn_top1"], 4),
                        knn5_top1=round(result["knn5_top1"], 4), linear_top1=round(result["linear_top1"], 4))
+            if "zeroshot_top1" in result:  # clip, siglip: zero-shot with the held-out prompts
+                row.update(zeroshot_top1=result["zeroshot_top1"], zeroshot_top5=result["zeroshot_top5"])
         else:
             row["error"] = error
         print(json.dumps(row), flush=True)

@@ -7,8 +7,10 @@ import torch
 from conftest import compose_cfg
 
 from contrastive_cli.config import build, validate_train
+from contrastive_cli.data import TensorImages
 from contrastive_cli.errors import UserError
 from contrastive_cli.optim import build_optimizer
+from contrastive_cli.parts import build_model
 
 
 def options(group):
@@ -17,11 +19,13 @@ def options(group):
 
 
 def test_groups_have_the_documented_options():
-    assert options("method") == ["barlow_twins", "barlow_twins_imagenet", "byol", "contrastive_margin", "cpc", "dcl",
-                                 "dino", "moco", "moco_imagenet", "moco_v3", "nnclr", "simclr", "simsiam", "supcon",
-                                 "swav", "triplet", "vicreg"]
+    assert options("method") == ["barlow_twins", "barlow_twins_imagenet", "byol", "clip", "contrastive_margin", "cpc",
+                                 "dcl", "dino", "moco", "moco_imagenet", "moco_v3", "nnclr", "siglip", "simclr",
+                                 "simsiam", "supcon", "swav", "triplet", "vicreg"]
     assert options("encoder") == ["resnet18", "resnet50", "small_cnn", "timm", "vit_tiny"]
-    assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "mnist", "stl10"]
+    assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "mnist", "pairs",
+                                  "stl10"]
+    assert options("text_encoder") == ["transformer"]
     assert options("augmentation") == ["byol", "grey", "multicrop", "simclr"]
     assert options("optimizer") == ["adamw", "lars", "lars_vicreg", "lars_wide", "sgd"]
     assert options("logger") == ["csv", "tensorboard", "wandb"]
@@ -31,7 +35,7 @@ def test_groups_have_the_documented_options():
 @pytest.mark.parametrize("dataset", options("dataset"))
 @pytest.mark.parametrize("encoder", options("encoder"))
 def test_encoder_dataset_pairs_build_and_run(dataset, encoder):
-    extra = ["dataset.source.root=/tmp/x"] if dataset == "imagefolder" else []
+    extra = {"imagefolder": ["dataset.source.root=/tmp/x"], "pairs": ["dataset.source.path=/tmp/x.tsv"]}.get(dataset, [])
     cfg = compose_cfg("train", [f"dataset={dataset}", f"encoder={encoder}", *extra])
     validate_train(cfg)
     enc = build(cfg.encoder, "encoder")
@@ -55,8 +59,7 @@ def test_encoder_dataset_pairs_build_and_run(dataset, encoder):
 def test_method_optimizer_augmentation_combinations_step(method, optimizer, augmentation):
     cfg = compose_cfg("train", [f"method={method}", f"optimizer={optimizer}", f"augmentation={augmentation}",
                                 "encoder.width=4"])
-    enc = build(cfg.encoder, "encoder")
-    model = build(cfg.method, "method")(encoder=enc)
+    model = build_model(cfg)[1]  # with the text tower of clip and siglip
     if getattr(build(cfg.augmentation, "augmentation"), "num_views", 2) > 2 and not model.multi_crop:
         # refused before training: crops it would drop (at 32 px multicrop makes none: local_crops=auto)
         with pytest.raises(UserError, match="uses two views"):
@@ -68,6 +71,7 @@ def test_method_optimizer_augmentation_combinations_step(method, optimizer, augm
     v1, v2, *crops = build(cfg.augmentation, "augmentation")(x, torch.Generator().manual_seed(0))
     before = [p.detach().clone() for p in model.parameters()]
     labels = torch.arange(8) % 3 if model.needs_labels else torch.full((8,), -1)  # -1: unlabeled
+    model.use_data(TensorImages(x, labels, [str(i) for i in range(10)]), cfg.dataset)  # clip: captions of classes
     out = model(v1, v2, labels, tuple(crops))
     opt.zero_grad()
     out.loss.backward()

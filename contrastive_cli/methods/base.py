@@ -74,6 +74,11 @@ class Method(nn.Module, abc.ABC):
     def training_step(self, x1: Tensor, x2: Tensor, labels: Tensor) -> StepOutput:
         """The loss of one batch; labels are -1 where unknown and unused by label-free methods."""
 
+    def use_data(self, train, dataset_cfg) -> list[str]:
+        """Take what the method reads from the training split beyond its images (the image-text methods'
+        captions); returns log lines. Runs before the data checks and before a resumed state is loaded."""
+        return []
+
     def adapt(self, run: RunShape) -> list[str]:
         """Derive the settings whose right value depends on the data or the run's length (a queue's
         size); returns one log line per setting changed. Runs before a resumed state is loaded."""

@@ -1,0 +1,1 @@
+# Hydra config package: the text towers of the image-text methods (CLIP, SigLIP)

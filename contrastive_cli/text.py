@@ -1,0 +1,136 @@
+"""Text side of CLIP: tokenizers that turn captions into fixed-length id rows, and a small causal
+Transformer that maps those rows to one vector per caption."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError, check, positive
+
+TOKENIZERS = ("bytes", "clip_bpe")
+
+
+class _Tokenizer:
+    """Shared row layout: [sot, ids..., eot, 0, 0, ...], the layout open_clip.tokenize produces."""
+
+    pad = 0
+    sot: int
+    eot: int
+
+    def ids(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode(self, texts: list[str], context_length: int) -> tuple[Tensor, int]:
+        """Rows of shape (len(texts), context_length) and how many captions were cut to fit."""
+        positive("text_encoder.context_length", context_length, integer=True, minimum=2, strict=False)
+        if isinstance(texts, str):  # a bare string would otherwise be read as one caption per character
+            texts = [texts]
+        rows = torch.full((len(texts), context_length), self.pad, dtype=torch.long)
+        truncated = 0
+        for i, text in enumerate(texts):
+            row = [self.sot, *self.ids(text), self.eot]
+            if len(row) > context_length:
+                # keep eot as the last token: the text tower reads the caption's summary there
+                row = row[: context_length - 1] + [self.eot]
+                truncated += 1
+            rows[i, : len(row)] = torch.tensor(row)
+        return rows, truncated
+
+    def __call__(self, texts: list[str], context_length: int) -> Tensor:
+        return self.encode(texts, context_length)[0]
+
+
+class ByteTokenizer(_Tokenizer):
+    """UTF-8 bytes shifted past the three special ids: no vocabulary file, and every language (or
+    emoji) is representable, at the cost of ~3 ids per CJK character."""
+
+    name = "bytes"
+    sot = 1
+    eot = 2
+    vocab_size = 256 + 3
+
+    def ids(self, text: str) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+
+class BPETokenizer(_Tokenizer):
+    """CLIP's own byte-pair vocabulary (via open_clip), so ids match OpenAI / open_clip checkpoints."""
+
+    name = "clip_bpe"
+
+    def __init__(self):
+        try:
+            from open_clip.tokenizer import SimpleTokenizer
+        except ImportError:  # an optional extra: the bytes tokenizer needs nothing beyond torch
+            raise UserError("text_encoder.tokenizer=clip_bpe needs open_clip: pip install "
+                            "'contrastive-cli[clip]' (or use text_encoder.tokenizer=bytes)") from None
+        self.bpe = SimpleTokenizer()
+        self.vocab_size = len(self.bpe.encoder)
+        self.sot = self.bpe.encoder["<start_of_text>"]
+        self.eot = self.bpe.encoder["<end_of_text>"]
+
+    def ids(self, text: str) -> list[int]:
+        return self.bpe.encode(text)
+
+
+def make_tokenizer(name: str) -> ByteTokenizer | BPETokenizer:
+    if name == "bytes":
+        return ByteTokenizer()
+    if name == "clip_bpe":
+        return BPETokenizer()
+    raise UserError(f"text_encoder.tokenizer={name}: choose from {', '.join(TOKENIZERS)}")
+
+
+class TextTransformer(nn.Module):
+    """CLIP's text tower: token + learned position embeddings, pre-LayerNorm causal blocks, the
+    hidden state at end-of-text, and a bias-free projection to the shared embedding space."""
+
+    def __init__(self, tokenizer: str = "bytes", context_length: int = 64, width: int = 128,
+                 layers: int = 3, heads: int = 4, embed_dim: int = 128):
+        super().__init__()
+        positive("text_encoder.context_length", context_length, integer=True, minimum=3, strict=False)
+        positive("text_encoder.width", width, integer=True)
+        positive("text_encoder.layers", layers, integer=True)
+        positive("text_encoder.heads", heads, integer=True)
+        positive("text_encoder.embed_dim", embed_dim, integer=True)
+        check(width % heads == 0,
+              f"text_encoder.width={width}: must be a multiple of text_encoder.heads={heads}")
+        self.tokenizer = make_tokenizer(tokenizer)
+        self.context_length = context_length
+        self.feature_dim = embed_dim
+        self.token_embedding = nn.Embedding(self.tokenizer.vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        # CLIP's initial scales: small embeddings leave the residual stream to the blocks at first
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(layers)
+        )
+        self.ln_final = nn.LayerNorm(width)
+        self.projection = nn.Linear(width, embed_dim, bias=False)
+
+    def tokenize(self, texts: list[str]) -> Tensor:
+        return self.tokenizer.encode(texts, self.context_length)[0]
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        n, length = tokens.shape
+        if length > self.context_length:
+            raise ValueError(f"tokens have {length} positions; this text encoder holds "
+                             f"context_length={self.context_length}")
+        # the first eot per row: with causal attention it has read the whole caption and no padding;
+        # argmax over ids would only find it for clip_bpe, where eot happens to be the largest id
+        end = (tokens == self.tokenizer.eot).int().argmax(dim=1)
+        # the positions after the batch's longest caption are padding that no eot reads: not computed
+        # (a caption of 40 bytes in a context of 64 costs 40 positions, not 64)
+        length = int(end.max()) + 1
+        tokens = tokens[:, :length]
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]
+        # True above the diagonal: no position sees later ones, so padding after eot cannot reach it
+        mask = torch.ones(length, length, dtype=torch.bool, device=tokens.device).triu(1)
+        for block in self.blocks:
+            x = block(x, src_mask=mask, is_causal=True)
+        x = self.ln_final(x)
+        return self.projection(x[torch.arange(n, device=tokens.device), end])

@@ -1,0 +1,149 @@
+"""What an image-text checkpoint (CLIP, SigLIP) is judged by besides its image tower's k-NN: zero-shot
+classification from class names put into prompt templates, and image<->caption retrieval on held-out
+pairs. Metrics are pure functions on embeddings; `image_text_from_checkpoint` rebuilds both towers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UserError
+
+
+class ImageTower(nn.Module):
+    """The image encoder and its projection: normalized embeddings in the space shared with the text."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.method = method
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.method.embed_image(x).float(), dim=1)
+
+
+def image_text_from_checkpoint(ckpt: dict, source) -> nn.Module:
+    """The whole image-text method of a checkpoint (both towers, weights loaded, eval mode, CPU)."""
+    from omegaconf import OmegaConf
+
+    from .parts import build_model
+
+    cfg = OmegaConf.create(ckpt["config"])
+    method = build_model(cfg)[1]
+    if not ckpt.get("model"):
+        raise UserError(f"{source}: holds no text tower (an untrained-encoder checkpoint); use a cl-train checkpoint")
+    method.load_state_dict(ckpt["model"])
+    return method.eval()
+
+
+@torch.no_grad()
+def embed_texts(method: nn.Module, texts: list[str], device: torch.device, batch_size: int = 1024) -> Tensor:
+    """Normalized text embeddings, float32 on the CPU."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = method.tokenize(texts[i : i + batch_size]).to(device)
+        out.append(F.normalize(method.embed_text(tokens).float(), dim=1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def class_embeddings(method: nn.Module, classes: list[str], templates: list[str], device: torch.device) -> Tensor:
+    """One row per class: the normalized mean of its normalized prompt embeddings (CLIP's prompt ensembling)."""
+    texts = [t.format(c) for c in classes for t in templates]
+    emb = embed_texts(method, texts, device).view(len(classes), len(templates), -1)
+    return F.normalize(emb.mean(1), dim=1)
+
+
+def zeroshot_scores(image_emb: Tensor, class_emb: Tensor, labels: Tensor) -> dict:
+    """Top-1 / top-5 accuracy of the nearest class embedding (cosine); top-5 is 1.0 with at most 5 classes."""
+    ranked = (image_emb @ class_emb.t()).topk(min(5, len(class_emb)), dim=1).indices
+    hit = ranked == labels[:, None]
+    return {"zeroshot_top1": round(float(hit[:, 0].float().mean()), 4),
+            "zeroshot_top5": round(float(hit.any(1).float().mean()), 4)}
+
+
+def retrieval_scores(image_emb: Tensor, text_emb: Tensor, image_of_text: Tensor, ks=(1, 5, 10)) -> dict:
+    """Recall@k both ways over held-out pairs: image->text counts an image as found when ANY of its
+    captions is among its k nearest captions; text->image, when a caption's own image is among its k
+    nearest images. image_of_text[j] is caption j's image (a row of image_emb)."""
+    sim = image_emb @ text_emb.t()  # images x captions
+    own = image_of_text[None, :] == torch.arange(len(image_emb))[:, None]  # images x captions: caption j is image i's
+    out = {}
+    for k in ks:
+        top_t = sim.topk(min(k, sim.shape[1]), dim=1).indices
+        out[f"i2t_r{k}"] = round(float(own.gather(1, top_t).any(1).float().mean()), 4)
+        top_i = sim.t().topk(min(k, sim.shape[0]), dim=1).indices
+        out[f"t2i_r{k}"] = round(float((top_i == image_of_text[:, None]).any(1).float().mean()), 4)
+    return out
+
+
+def is_image_text(cfg) -> bool:
+    from hydra.utils import get_class
+
+    from .methods.clip import ImageText
+
+    return issubclass(get_class(cfg.method._target_), ImageText)
+
+
+def image_text_eval(ckpt: dict, source, splits, ds, e, device: torch.device) -> dict:
+    """cl-eval's image-text numbers: zero-shot on a labelled test split (class names: the dataset's, or
+    eval.classnames; prompts: the held-out list, or eval.templates), retrieval on held-out pairs."""
+    from .captions import EVAL_TEMPLATES, read_lines, read_templates
+    from .evaluate import extract_features
+
+    method = image_text_from_checkpoint(ckpt, source).to(device)
+    out: dict = {}
+    if splits.test is not None:
+        classes = read_lines(e.classnames, "eval.classnames") if e.classnames else list(splits.test.classes)
+        n_cls = int(splits.test.labels.max()) + 1 if len(splits.test) else 0
+        if len(classes) < n_cls:
+            raise UserError(f"eval.classnames={e.classnames}: names {len(classes)} classes; dataset {ds.name} has "
+                            f"{n_cls} (one name per line, in class order)")
+        templates = read_templates(e.templates, EVAL_TEMPLATES, "eval.templates")
+        img, y = extract_features(ImageTower(method), splits.test, ds.mean, ds.std, device, e.batch_size,
+                                  "zero-shot images")
+        out.update(zeroshot_scores(img, class_embeddings(method, classes, templates, device), y))
+        out["zeroshot_templates"] = len(templates)
+    held = getattr(splits, "held_out", None)
+    if held is not None:
+        img, _ = extract_features(ImageTower(method), ImageRows(held), ds.mean, ds.std, device, e.batch_size,
+                                  "retrieval images")
+        out.update(retrieval_scores(img, embed_texts(method, held.captions, device), held.image_of))
+        out.update(n_retrieval_images=len(held.images), n_retrieval_captions=len(held.captions))
+    return out
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """Each distinct image of a PairImages once (retrieval ranks images, not rows)."""
+
+    def __init__(self, pairs):
+        self.images = pairs.images
+        self.labels = torch.arange(len(pairs.images))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], i
+
+    def take(self, idx: Tensor):
+        return self.images[idx], idx
+
+
+def zeroshot_monitor(method: nn.Module, test, ds, device: torch.device, bars: bool = True):
+    """The online monitor of an image-text run (trainer.knn_every): zero-shot top-1 on the labelled test
+    split with the held-out prompts, as cl-eval computes it; best.pt is kept by it."""
+    from .captions import EVAL_TEMPLATES
+    from .evaluate import extract_features
+
+    def score() -> float:
+        was = method.training
+        method.eval()
+        try:
+            img, y = extract_features(ImageTower(method), test, ds.mean, ds.std, device, desc="zero-shot", show=bars)
+            classes = class_embeddings(method, list(test.classes), list(EVAL_TEMPLATES), device)
+        finally:
+            method.train(was)
+        return zeroshot_scores(img, classes, y)["zeroshot_top1"]
+
+    return score

@@ -1,0 +1,311 @@
+"""CLIP and SigLIP: the losses by hand and against open_clip, two processes against one, the pairs
+reader, the zero-shot and retrieval metrics on a case whose answers are known, and the commands."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from conftest import error_lines, run_cli
+from test_distributed import Flat, run_two_ranks
+
+from contrastive_cli.captions import load_pairs
+from contrastive_cli.distributed import cleanup
+from contrastive_cli.errors import UserError
+from contrastive_cli.losses import clip_loss, siglip_loss
+from contrastive_cli.methods.clip import CLIP, MAX_LOGIT_SCALE, SigLIP
+from contrastive_cli.text import TextTransformer
+from contrastive_cli.zeroshot import retrieval_scores, zeroshot_scores
+
+# ------------------------------------------------------------------------------------------- losses
+
+
+def test_clip_loss_hand_checked():
+    # images a=(1,0), b=(0,1); captions ta=(1,0), tb=(0.6,0.8); scale exp(0) = 1
+    img, txt = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    e, log = math.exp, math.log
+    i2t = (-1 + log(e(1) + e(0.6))) + (-0.8 + log(e(0) + e(0.8)))  # rows of the image x caption cosines
+    t2i = (-1 + log(e(1) + e(0))) + (-0.8 + log(e(0.6) + e(0.8)))  # rows of its transpose
+    expected = (i2t / 2 + t2i / 2) / 2
+    assert clip_loss(img, txt, img, txt, torch.tensor(0.0)).item() == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(0.4489, abs=1e-4)  # by hand: ((0.5130 + 0.3711) / 2 + (0.3133 + 0.5982) / 2) / 2
+
+
+def test_siglip_loss_hand_checked():
+    img, txt = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    t, b = math.log(2.0), -1.0  # logits = 2 cos - 1: [[1, 0.2], [-1, 0.6]]
+
+    def nls(z):
+        return math.log(1 + math.exp(-z))  # -log sigmoid(z)
+
+    expected = (nls(1) + nls(-0.2) + nls(1) + nls(0.6)) / 2  # own captions +1, the others -1
+    got = siglip_loss(img, txt, torch.tensor(t), torch.tensor(b)).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_losses_equal_open_clip():
+    loss_mod = pytest.importorskip("open_clip.loss")
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    scale, bias = torch.tensor(math.log(1 / 0.07)), torch.tensor(-10.0)
+    ni, nt = F.normalize(img, dim=1), F.normalize(txt, dim=1)  # open_clip's losses take normalized features
+    ours = clip_loss(img, txt, img, txt, scale)
+    theirs = loss_mod.ClipLoss()(ni, nt, scale.exp())
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    scale = torch.tensor(math.log(10.0))
+    ours = siglip_loss(img, txt, scale, bias)
+    theirs = loss_mod.SigLipLoss()(ni, nt, scale.exp(), bias)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------- two processes against one
+
+B, D_IN = 4, 6
+CAPTIONS = ["a red cat", "a blue dog", "two green birds", "one fish", "a tall tree", "an old car", "雨中的猫", "sun"]
+
+
+def make_method(name: str):
+    torch.manual_seed(0)
+    text = TextTransformer(width=16, layers=1, heads=2, embed_dim=4, context_length=24)
+    method = (CLIP if name == "clip" else SigLIP)(Flat(), text, embed_dim=4)
+    method.captions, method.by_class = method.tokenize(CAPTIONS).int(), False
+    return method
+
+
+def image_text_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(1)
+        x, keys = torch.randn(2 * B, D_IN, generator=g), torch.arange(2 * B)
+        mine = slice(rank * B, (rank + 1) * B)
+        saved = {}
+        for name in ("clip", "siglip"):
+            model = torch.nn.parallel.DistributedDataParallel(make_method(name))
+            loss = model(x[mine], x[mine], keys[mine]).loss
+            loss.backward()
+            saved[name] = {"loss": loss.detach(), "grads": {n: p.grad.clone() for n, p in model.module.named_parameters()}}
+        torch.save(saved, f"{out}/rank{rank}.pt")
+    finally:
+        cleanup()
+
+
+def test_two_processes_equal_one_process_with_the_double_batch(tmp_path):
+    ranks = run_two_ranks(image_text_worker, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    x, keys = torch.randn(2 * B, D_IN, generator=g), torch.arange(2 * B)
+    for name in ("clip", "siglip"):
+        single = make_method(name)
+        loss = single.training_step(x, x, keys).loss
+        loss.backward()
+        # each rank's own rows against the global batch: the mean of the two ranks' losses is the global loss
+        assert (ranks[0][name]["loss"] + ranks[1][name]["loss"]).item() / 2 == pytest.approx(loss.item(), rel=1e-5)
+        for n, p in single.named_parameters():
+            for r in ranks:  # DDP's averaged gradient is the gradient of the global loss
+                assert torch.allclose(r[name]["grads"][n], p.grad, atol=1e-6 * float(p.grad.abs().max())), (name, n)
+
+
+def test_logit_scale_clamped_after_a_step_and_captions_looked_up_by_keys():
+    method = make_method("clip")
+    assert method.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    with torch.no_grad():
+        method.logit_scale.fill_(10.0)
+    method.on_step_end(0.5)
+    assert method.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)  # exp(scale) <= 100
+    assert torch.equal(method.caption_tokens(torch.tensor([6, 0])), method.tokenize([CAPTIONS[6], CAPTIONS[0]]))
+    siglip = make_method("siglip")
+    assert siglip.logit_scale.exp().item() == pytest.approx(10.0) and siglip.logit_bias.item() == -10.0
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def test_zeroshot_and_retrieval_on_a_hand_made_case():
+    # 4 images on the axes; class embeddings: classes 0 and 1 on axes 0 and 1; class 2 between 2 and 3
+    img = torch.eye(4)
+    cls = F.normalize(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0.9]]), dim=1)
+    y = torch.tensor([0, 1, 2, 1])  # image 3 is "class 1" but sits nearest class 2: a miss at top-1
+    z = zeroshot_scores(img, cls, y)
+    assert z == {"zeroshot_top1": 0.75, "zeroshot_top5": 1.0}
+    # 5 captions x 4 images, the dot products given directly (no ties); captions 0 and 4 are image 0's
+    txt = torch.tensor([[0.2, 0.1, 0.9, 0.0],    # caption 0: image 2 first (miss), then its own
+                        [0.0, 0.8, 0.1, 0.2],    # caption 1: its own first
+                        [0.7, 0.0, 0.15, 0.1],   # caption 2 (image 2's): image 0 first, then its own
+                        [0.1, 0.2, 0.0, 0.9],    # caption 3: its own first
+                        [0.6, 0.3, 0.2, 0.0]])   # caption 4 (image 0's): its own first
+    r = retrieval_scores(torch.eye(4), txt, torch.tensor([0, 1, 2, 3, 0]), ks=(1, 2, 3))
+    # image->text, down each column: image 0 ranks caption 2 then 4 (its own); image 2 ranks captions 0 and
+    # 4 (both image 0's) before its own caption 2; images 1 and 3 find theirs first
+    assert (r["i2t_r1"], r["i2t_r2"], r["i2t_r3"]) == (0.5, 0.75, 1.0)
+    assert (r["t2i_r1"], r["t2i_r2"], r["t2i_r3"]) == (0.6, 1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------- the pairs file
+
+
+def write_images(folder, n: int, seed: int = 0):
+    """n digits-like PNG files (class k: a bar at row 2k) named img{i}.png; their classes."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    classes = []
+    for i in range(n):
+        k = i % 4
+        arr = (rng.random((16, 16, 3)) * 60).astype(np.uint8)
+        arr[4 * k : 4 * k + 3] = 250
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+        classes.append(k)
+    return classes
+
+
+NAMES = ["top bar", "second bar", "third bar", "bottom bar"]
+CHINESE = ["顶部的横条", "第二条横线", "第三条横线", "底部的横条"]
+
+
+def test_pairs_reader_several_captions_unreadable_files_and_the_split_by_image(tmp_path, caplog):
+    classes = write_images(tmp_path / "im", 20)
+    (tmp_path / "im" / "broken.png").write_bytes(b"not an image")
+    rows = [("filepath", "title")]
+    for i, k in enumerate(classes):
+        rows += [(f"im/img{i}.png", f"a {NAMES[k]}"), (f"im/img{i}.png", f"picture with the {NAMES[k]}")]
+    rows += [("im/broken.png", "never read"), ("im/img0.png", "   ")]
+    (tmp_path / "pairs.tsv").write_text("\n".join("\t".join(r) for r in rows) + "\n")
+    with caplog.at_level("WARNING"):
+        splits = load_pairs(str(tmp_path / "pairs.tsv"), image_size=16, test_fraction=0.25, seed=0)
+    assert "broken.png" in caplog.text and "1 unreadable" in caplog.text
+    assert "1 row(s)" in caplog.text and "empty caption" in caplog.text
+    train, held = splits.train, splits.held_out
+    assert len(train.images) == 15 and len(held.images) == 5  # images split, 20 readable
+    assert len(train) == 30 and len(held) == 10  # each image with both its captions
+    # no image on both sides: compare the decoded pixels
+    tr = {bytes(x.numpy()) for x in train.images}
+    assert not tr & {bytes(x.numpy()) for x in held.images}
+    # a row's image is its caption's: class k's bar row is bright
+    for i in range(len(held)):
+        x, key = held[i]
+        k = NAMES.index(next(n for n in NAMES if n in held.captions[key]))
+        assert x[0, 4 * k].float().mean() > 200
+    assert splits.test is None and not splits.labeled
+
+
+def test_pairs_reader_csv_and_jsonl_and_other_columns(tmp_path):
+    write_images(tmp_path, 4)
+    (tmp_path / "p.csv").write_text("image,text\n" + "".join(f"img{i}.png,\"a, {NAMES[i]}\"\n" for i in range(4)))
+    s = load_pairs(str(tmp_path / "p.csv"), image_key="image", caption_key="text", image_size=8, test_fraction=0)
+    assert s.train.captions == [f"a, {n}" for n in NAMES] and s.held_out is None  # quoted commas kept
+    lines = [json.dumps({"filepath": str(tmp_path / f"img{i}.png"), "title": CHINESE[i]}, ensure_ascii=False)
+             for i in range(4)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    s = load_pairs(str(tmp_path / "p.jsonl"), image_size=8, test_fraction=0.5)
+    assert sorted(s.train.captions + s.held_out.captions) == sorted(CHINESE)  # absolute paths, UTF-8 kept
+
+
+@pytest.mark.parametrize(("content", "kwargs", "expected"), [
+    (None, {}, "no such file"),
+    ("", {}, "has no rows"),
+    ("path\tcaption\nimg0.png\thi\n", {}, "dataset.source.image_key=filepath: no such column in"),
+    ('{"filepath": "img0.png", "title": 7}\n', {"suffix": ".jsonl"}, "holds int values (7), not text"),
+    ("filepath\ttitle\nmissing.png\thi\n", {}, "none of its 1 image files could be read"),
+    ("filepath\ttitle\nimg0.png\thi\n", {"suffix": ".txt"}, "a pairs file is .csv (comma), .tsv (tab) or .jsonl"),
+    (b"filepath\ttitle\nimg0.png\t\xff\xfe\n", {}, "not valid UTF-8"),
+])
+def test_pairs_reader_bad_input_is_one_line(tmp_path, content, kwargs, expected):
+    write_images(tmp_path, 1)
+    path = tmp_path / f"p{kwargs.get('suffix', '.tsv')}"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError) as err:
+        load_pairs(str(path), image_size=8, test_fraction=0)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    if "no such column" in expected:
+        assert "found: path, caption" in str(err.value)  # the columns there are
+
+
+# -------------------------------------------------------------------------------------- the commands
+
+
+def pairs_file(tmp_path, captions: list[str], n: int = 64):
+    classes = write_images(tmp_path / "im", n)
+    lines = [json.dumps({"filepath": f"im/img{i}.png", "title": captions[k]}, ensure_ascii=False)
+             for i, k in enumerate(classes)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tmp_path / "pairs.jsonl"
+
+
+@pytest.mark.parametrize(("method", "captions"), [("clip", NAMES), ("siglip", CHINESE)])
+def test_train_on_a_pairs_file_then_eval_retrieval(tmp_path, method, captions):
+    path = pairs_file(tmp_path, captions)
+    # small images and a short run: the point is the path from a pairs file to retrieval scores
+    proc = run_cli("cl-train", f"method={method}", "dataset=pairs", f"dataset.source.path={path}",
+                   "dataset.image_size=16", "dataset.source.test_fraction=0.25", "trainer.batch_size=16",
+                   "trainer.epochs=4", "encoder.width=8", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, error_lines(proc)[-5:]
+    history = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=False)["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert "no class labels: the k-NN monitor is off; cl-eval scores retrieval on the held-out pairs" in proc.stdout
+    proc = run_cli("cl-eval", "checkpoint=run/checkpoints/last.pt", "hydra.run.dir=ev", cwd=tmp_path)
+    assert proc.returncode == 0, error_lines(proc)[-5:]
+    result = json.loads((tmp_path / "ev/eval.json").read_text())
+    assert result["n_retrieval_images"] == 16 and result["n_retrieval_captions"] == 16
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["t2i_r10"] >= result["t2i_r5"] >= result["t2i_r1"]
+    assert "text->image R@1/5/10" in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["dataset.captions=none"], "method=clip needs captions: dataset digits has none"),
+    (["text_encoder.tokenizer=words"], "text_encoder.tokenizer=words: choose from bytes, clip_bpe"),
+    (["text_encoder.width=30", "text_encoder.heads=4"], "text_encoder.width=30: must be a multiple of"),
+    (["dataset=pairs"], "dataset.source.path: missing"),
+    (["dataset=pairs", "dataset.source.path=nowhere.tsv"], "dataset.source.path=nowhere.tsv: no such file"),
+])
+def test_bad_image_text_settings_are_one_line(tmp_path, args, expected):
+    proc = run_cli("cl-train", "method=clip", *args, "trainer.epochs=1", cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1 and expected in lines[0], lines[-3:]
+
+
+@pytest.fixture(scope="module")
+def digits_clip(tmp_path_factory):
+    """CLIP on digits with templated captions, small and short: what cl-eval of such a checkpoint reads."""
+    cwd = tmp_path_factory.mktemp("digits_clip")
+    proc = run_cli("cl-train", "method=clip", "trainer.epochs=3", "encoder.width=8", "trainer.knn_every=3",
+                   "hydra.run.dir=run", cwd=cwd)
+    assert proc.returncode == 0, error_lines(proc)[-5:]
+    assert "learns from the labels of dataset digits through text" in proc.stdout
+    return cwd
+
+
+def test_eval_of_a_templated_run_gives_zero_shot_and_the_image_towers_scores(digits_clip):
+    summary = json.loads((digits_clip / "run/summary.json").read_text())
+    assert summary["zeroshot_top1_best_epoch"] == 3 and (digits_clip / "run/checkpoints/best.pt").exists()
+    header = (digits_clip / "run/metrics.csv").read_text().splitlines()[0]
+    assert header.endswith("zeroshot_top1")  # the online monitor of an image-text run
+    proc = run_cli("cl-eval", "checkpoint=run/checkpoints/best.pt", "eval.tsne_samples=0", "hydra.run.dir=ev",
+                   cwd=digits_clip)
+    assert proc.returncode == 0, error_lines(proc)[-5:]
+    result = json.loads((digits_clip / "ev/eval.json").read_text())
+    assert result["zeroshot_top1"] == pytest.approx(summary["zeroshot_top1_best"], abs=1e-3)
+    assert result["zeroshot_top5"] >= result["zeroshot_top1"] and result["zeroshot_templates"] == 6
+    assert {"knn_top1", "knn5_top1", "linear_top1"} <= set(result)
+    assert "zero-shot top-1 / top-5" in proc.stdout
+
+
+@pytest.mark.parametrize(("content", "key", "expected"), [
+    ("a photo\n", "templates", "eval.templates=f.txt: template 'a photo' has no {} for the class name"),
+    ("\n\n", "templates", "eval.templates=f.txt: has no templates"),
+    ("zero\none\n", "classnames", "eval.classnames=f.txt: names 2 classes; dataset digits has 10"),
+])
+def test_bad_prompt_files_are_one_line(digits_clip, content, key, expected):
+    (digits_clip / "f.txt").write_text(content)
+    proc = run_cli("cl-eval", "checkpoint=run/checkpoints/last.pt", f"eval.{key}=f.txt", cwd=digits_clip)
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1 and expected in lines[0], lines
