@@ -3,6 +3,12 @@
     from contrastive_cli import load_encoder
     encoder, preprocess = load_encoder("outputs/train/<date>/<time>/checkpoints/last.pt")
     features = encoder(preprocess([Image.open("cat.jpg"), Image.open("dog.png")]))
+
+and to both towers of a CLIP / SigLIP checkpoint:
+
+    from contrastive_cli import load_clip
+    model = load_clip("outputs/train/<date>/<time>/checkpoints/last.pt")
+    scores = model.encode_image([Image.open("cat.jpg")]) @ model.encode_text(["a cat", "a dog"]).T
 """
 
 from __future__ import annotations
@@ -126,3 +132,46 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu",
     ds = cfg.dataset
     device = torch.device(device)
     return encoder.to(device), Preprocess(ds.image_size, ds.channels, ds.mean, ds.std, device)
+
+
+class ImageTextModel:
+    """Both towers of an image-text checkpoint: `encode_image(images)` (anything `preprocess` reads) and
+    `encode_text(texts)` give L2-normalized embeddings in one space, float32 on the model's device."""
+
+    def __init__(self, method: nn.Module, preprocess: Preprocess, checkpoint: dict):
+        self.method, self.preprocess, self.checkpoint = method, preprocess, checkpoint
+        self.tokenizer = method.text.tokenizer
+        self.context_length = method.text.context_length
+
+    def tokenize(self, texts: list[str]) -> Tensor:
+        return self.method.tokenize([texts] if isinstance(texts, str) else list(texts))
+
+    @torch.no_grad()
+    def encode_image(self, images) -> Tensor:
+        return torch.nn.functional.normalize(self.method.embed_image(self.preprocess(images)).float(), dim=1)
+
+    @torch.no_grad()
+    def encode_text(self, texts) -> Tensor:
+        tokens = self.tokenize(texts).to(self.preprocess.device)
+        return torch.nn.functional.normalize(self.method.embed_text(tokens).float(), dim=1)
+
+
+def load_clip(path: str | Path, device: str | torch.device = "cpu") -> ImageTextModel:
+    """The image and text towers of a `method=clip` / `method=siglip` checkpoint, with the image
+    preprocess and the tokenizer it was trained with; refused in one line for any other checkpoint."""
+    from . import checkpoint
+    from .zeroshot import image_text_from_checkpoint, is_image_text
+
+    ckpt = checkpoint.load(path)
+    cfg = OmegaConf.create(ckpt["config"])
+    if not is_image_text(cfg):
+        name = cfg.method._target_.rsplit(".", 1)[-1]
+        raise UserError(f"{path}: a {name} checkpoint has no text tower; load_clip and cl-search need one of "
+                        "method=clip or method=siglip (load_encoder reads any checkpoint's image encoder)")
+    device = torch.device(device)
+    method = image_text_from_checkpoint(ckpt, path).to(device)
+    ds = cfg.dataset
+    with torch.no_grad():
+        check_features(method.embed_image(probe_batch(ds.image_size, ds.channels, ds.mean, ds.std).to(device)), path,
+                       "a probe batch")
+    return ImageTextModel(method, Preprocess(ds.image_size, ds.channels, ds.mean, ds.std, device), ckpt)

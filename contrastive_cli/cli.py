@@ -518,6 +518,18 @@ def eval_job(cfg: DictConfig) -> dict | None:
     return result
 
 
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="search")
+def search_job(cfg: DictConfig) -> dict | None:
+    from .search import run_search
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    result = _guarded("cl-search", lambda: run_search(cfg, out_dir), out_dir)
+    if result is not None:
+        print(f"{len(result['queries'])} quer{'y' if len(result['queries']) == 1 else 'ies'} x top {result['k']} of "
+              f"{result['n_index']} images; wrote {out_dir / 'search.png'}, {out_dir / 'search.csv'}")
+    return result
+
+
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="embed")
 def embed_job(cfg: DictConfig) -> dict | None:
     from .embed import run_embed
@@ -542,6 +554,10 @@ def export_job(cfg: DictConfig) -> dict | None:
         return None
     print(f"wrote {meta['file']} ({meta['format']}, {meta['channels']} x {meta['input_size']} x {meta['input_size']} "
           f"-> {meta['feature_dim']} features; checked: max difference {meta['max_abs_diff']:.1e}) and {meta['file']}.json")
+    if "text" in meta:
+        print(f"wrote {meta['text']['file']} (the text tower: {meta['text']['tokenizer']} token ids x "
+              f"{meta['text']['context_length']} -> {meta['feature_dim']}; checked: max difference "
+              f"{meta['text']['max_abs_diff']:.1e})")
     return meta
 
 
@@ -639,6 +655,13 @@ def embed() -> None:
     from .config import validate_embed_job
 
     _main("cl-embed", "embed", embed_job, validate_embed_job)
+
+
+def search() -> None:
+    """`cl-search checkpoint=<path> index=<cl-embed folder> text=...`: images found by a sentence."""
+    from .search import validate_search_job
+
+    _main("cl-search", "search", search_job, validate_search_job)
 
 
 def export() -> None:

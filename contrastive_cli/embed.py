@@ -110,12 +110,15 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
         raise UserError(f"input={source}: not a folder, nor a dataset ({', '.join(dataset_options())})")
     queries = _query_keys(cfg, source, paths)  # a wrong query fails before the long pass
     pre = Preprocess(size, channels, ds.mean, ds.std, device)
-    feats, ok = [], []
+    tower = _image_tower(ckpt, ckpt_path, train_cfg, device)  # CLIP/SigLIP: the space shared with the text too
+    feats, shared, ok = [], [], []
     with torch.no_grad():
         for x, good in bar(batches, n_batches, "embedding", leave=True):
             ok.append(good)
             if x is not None:
                 feats.append(encoder(pre(x)).float().cpu())
+                if tower is not None:
+                    shared.append(tower(pre(x)).cpu())
     ok = torch.cat(ok).tolist()
     skipped = [p for p, good in zip(paths, ok, strict=True) if not good]
     warn_unreadable(skipped)
@@ -137,10 +140,18 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
         emb = F.normalize(emb, dim=1)
     result = {"checkpoint": str(ckpt_path.resolve()), "input": source, "n": len(rows),
               "feature_dim": int(emb.shape[1]), "normalized": bool(cfg.normalize), "skipped": skipped,
-              "epoch": ckpt["epoch"], "method": train_cfg.method._target_}
+              "epoch": ckpt["epoch"], "method": train_cfg.method._target_, "checksum": ckpt.get("checksum"),
+              "image_size": size, "channels": channels}
     names = ["embeddings.npy", "index.csv", "embed.json"] + ["neighbours.png", "neighbours.csv"] * bool(cfg.neighbours)
+    if shared:
+        from .search import SHARED
+
+        names.append(SHARED)
+        result["image_text_embeddings"] = str(out_dir / SHARED)  # what cl-search reads
     with files.whole(*(out_dir / n for n in names)) as tmp:  # a stopped cl-embed leaves all of them or none
         np.save(tmp[0], emb.numpy().astype(np.float32))
+        if shared:
+            np.save(tmp[-1], torch.cat(shared).numpy().astype(np.float32))
         with open(tmp[1], "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["row", "path", "label"])
@@ -155,6 +166,15 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
         eval_to_tracker(train_cfg, ckpt_path.parent.parent, {}, {"neighbours": out_dir / "neighbours.png"},
                         int(ckpt["step"]))
     return result
+
+
+def _image_tower(ckpt: dict, source: Path, cfg, device: torch.device):
+    """An image-text checkpoint's image tower into the shared space (normalized), else None."""
+    from .zeroshot import ImageTower, image_text_from_checkpoint, is_image_text
+
+    if not is_image_text(cfg) or not ckpt.get("model"):
+        return None
+    return ImageTower(image_text_from_checkpoint(ckpt, source).to(device)).eval()
 
 
 def _query_keys(cfg: DictConfig, source: str, paths: list[str]) -> list[str]:
@@ -191,26 +211,27 @@ def _neighbours(cfg: DictConfig, emb: torch.Tensor, rows: list, query_keys: list
         top = sim.topk(k)
         hits.append(list(zip(top.indices.tolist(), [round(v, 4) for v in top.values.tolist()], strict=True)))
 
-    def picture(i: int) -> np.ndarray:
-        path = rows[i][0]
-        if os.path.isfile(path):
-            from PIL import Image
-
-            from .data import pil_to_uint8
-
-            with Image.open(path) as img:
-                x = pil_to_uint8(img, max(size, 64), channels)
-        else:  # a named dataset's row: dataset:split:index
-            x = _named_image(path, cfg.paths.data_dir)
-        return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
-
-    _neighbour_png(png, queries, hits, picture)
+    _neighbour_png(png, queries, hits, lambda i: row_picture(rows[i][0], size, channels, cfg.paths.data_dir))
     with open(table, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["query_row", "query_path", "rank", "row", "path", "cosine"])
         for q, row_hits in zip(queries, hits, strict=True):
             w.writerows((q, rows[q][0], r + 1, i, rows[i][0], s) for r, (i, s) in enumerate(row_hits))
     return {"k": k, "queries": queries}
+
+
+def row_picture(path: str, size: int, channels: int, data_dir: str) -> np.ndarray:
+    """The image of an index row, for a picture: a file (at 64 px at least), or a named dataset's row."""
+    if os.path.isfile(path):
+        from PIL import Image
+
+        from .data import pil_to_uint8
+
+        with Image.open(path) as img:
+            x = pil_to_uint8(img, max(size, 64), channels)
+    else:  # dataset:split:index
+        x = _named_image(path, data_dir)
+    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
 
 
 _loaded: dict = {}

@@ -60,18 +60,20 @@ def _require_onnx() -> None:
             raise UserError(f"format=onnx: needs the {package} package; pip install 'contrastive_cli[onnx]'") from None
 
 
-def _write(fmt: str, encoder: nn.Module, example: torch.Tensor, path: str) -> None:
+def _write(fmt: str, encoder: nn.Module, example: torch.Tensor, path: str, name: str = "images") -> None:
     if fmt == "state_dict":
         torch.save(encoder.state_dict(), path)
     elif fmt == "torchscript":
         with torch.no_grad():
             torch.jit.save(torch.jit.trace(encoder, example), path)
     else:  # the TorchScript-based exporter: no onnxscript needed, and dynamic batch size by dynamic_axes
-        torch.onnx.export(encoder, (example,), path, input_names=["images"], output_names=["features"],
-                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, dynamo=False)
+        # PRESERVE: a text tower is exported in train mode (see run_export); EVAL would switch it back
+        torch.onnx.export(encoder, (example,), path, input_names=[name], output_names=["features"],
+                          dynamic_axes={name: {0: "batch"}, "features": {0: "batch"}}, dynamo=False,
+                          training=torch.onnx.TrainingMode.PRESERVE)
 
 
-def _read_features(fmt: str, path: str, x: torch.Tensor, rebuild) -> torch.Tensor:
+def _read_features(fmt: str, path: str, x: torch.Tensor, rebuild, name: str = "images") -> torch.Tensor:
     """Features of x from the written file, read back the way a user without this package would."""
     if fmt == "state_dict":
         model = rebuild()
@@ -84,16 +86,17 @@ def _read_features(fmt: str, path: str, x: torch.Tensor, rebuild) -> torch.Tenso
     import onnxruntime
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(["features"], {"images": x.numpy()})[0])
+    return torch.from_numpy(session.run(["features"], {name: x.numpy()})[0])
 
 
-def _write_checked(fmt: str, encoder: nn.Module, example, check_x, expected, rebuild, tmp: Path) -> float:
+def _write_checked(fmt: str, encoder: nn.Module, example, check_x, expected, rebuild, tmp: Path,
+                   name: str = "images") -> float:
     """Write to `tmp`, read it back and compare; returns the largest difference."""
     with warnings.catch_warnings():  # torch.jit and the TorchScript ONNX exporter warn that they are old
         warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
         try:
-            _write(fmt, encoder, example, str(tmp))
-            got = _read_features(fmt, str(tmp), check_x, rebuild)
+            _write(fmt, encoder, example, str(tmp), name)
+            got = _read_features(fmt, str(tmp), check_x, rebuild, name)
         except (UserError, OSError):
             raise
         except Exception as e:  # tracing, exporting or reading back can fail in many ways: one line
@@ -115,6 +118,9 @@ def run_export(cfg: DictConfig) -> dict:
     check(fmt in FORMATS, f"format={fmt}: choose from {', '.join(FORMATS)}")
     ckpt_path, ckpt = checkpoint.for_use(cfg.checkpoint)
     encoder, train_cfg = encoder_from_checkpoint(ckpt, ckpt_path)
+    towers = image_text_towers(ckpt, ckpt_path, train_cfg)
+    if towers is not None:  # CLIP / SigLIP: the image tower into the shared space, and the text tower beside it
+        encoder = towers[0]
     ds = train_cfg.dataset
     size, channels = int(ds.image_size), int(ds.channels)
     out = (Path(str(cfg.out)).expanduser() if cfg.out else
@@ -130,6 +136,8 @@ def run_export(cfg: DictConfig) -> dict:
     recipe = torchvision_recipe(train_cfg.encoder) if type(encoder).__module__.startswith("torchvision") else None
 
     def rebuild() -> nn.Module:  # state_dict: plain torchvision for a ResNet, else the encoder class the JSON names
+        if towers is not None:
+            return image_text_towers(ckpt, ckpt_path, train_cfg)[0]
         return plain_torchvision(recipe) if recipe is not None else encoder_from_checkpoint(ckpt)[0]
 
     created = not out.parent.exists()
@@ -142,12 +150,47 @@ def run_export(cfg: DictConfig) -> dict:
     }
     if fmt == "state_dict" and recipe is not None:
         meta["torchvision"] = recipe
-    try:  # the file and its JSON, or neither (a file without its JSON would be half an export)
-        with files.whole(out, f"{out}.json", label=f"out={out}") as (tmp, tmp_json):
-            meta["max_abs_diff"] = _write_checked(fmt, encoder, example, check_x, expected, rebuild, tmp)
-            tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
+    outputs = [out, f"{out}.json"]
+    if towers is not None:
+        text_out = out.parent / (out.name[: -len(FORMATS[fmt])] if out.name.endswith(FORMATS[fmt]) else out.name)
+        text_out = text_out.parent / f"{text_out.name}.text{FORMATS[fmt]}"
+        outputs.append(text_out)
+        meta["embedding"] = f"L2-normalized {int(expected.shape[1])}-d, in the space shared with the text tower"
+    try:  # the files and their JSON, or none (a file without its JSON would be half an export)
+        with files.whole(*outputs, label=f"out={out}") as tmp:
+            meta["max_abs_diff"] = _write_checked(fmt, encoder, example, check_x, expected, rebuild, tmp[0])
+            if towers is not None:
+                meta["text"] = _export_text(fmt, towers, ckpt, ckpt_path, train_cfg, tmp[2], outputs[2])
+            tmp[1].write_text(json.dumps(meta, indent=2) + "\n")
     except UserError:
         if created and out.parent.is_dir() and not any(out.parent.iterdir()):
             out.parent.rmdir()
         raise
     return meta
+
+
+def image_text_towers(ckpt: dict, source, cfg):
+    """(image tower, text tower) of a CLIP / SigLIP checkpoint, else None. The text tower is put in
+    train mode: it has no dropout and no batch-norm, so it computes what eval mode does, without the
+    fused attention kernel that neither tracing to ONNX nor older runtimes can read."""
+    from .zeroshot import ImageTower, TextTower, image_text_from_checkpoint, is_image_text
+
+    if not is_image_text(cfg) or not ckpt.get("model"):
+        return None
+    method = image_text_from_checkpoint(ckpt, source)
+    return ImageTower(method).eval(), TextTower(method).train()
+
+
+def _export_text(fmt: str, towers, ckpt, source, cfg, tmp: Path, final: Path) -> dict:
+    text = towers[1]
+    tok, length = text.text.tokenizer, text.text.context_length
+    example = tok.encode(["a photo of a cat.", "two dogs on a sofa"], length)[0]
+    check_x = tok.encode(["x", "a red dress with long sleeves", "一只猫坐在垫子上", "sandal", "a 7."], length)[0]
+    with torch.no_grad():
+        expected = text(check_x)
+    diff = _write_checked(fmt, text, example, check_x, expected, lambda: image_text_towers(ckpt, source, cfg)[1],
+                          tmp, name="tokens")
+    return {"file": str(final), "tokenizer": tok.name, "context_length": length, "vocab_size": tok.vocab_size,
+            "sot": tok.sot, "eot": tok.eot, "pad": tok.pad, "max_abs_diff": diff,
+            "input": f"int64 (N, {length}) token ids: [sot, the caption's ids, eot, then pad to {length}] "
+                     f"({'UTF-8 bytes + 3' if tok.name == 'bytes' else 'open_clip SimpleTokenizer ids'})"}

@@ -115,7 +115,7 @@ class TextTransformer(nn.Module):
     def tokenize(self, texts: list[str]) -> Tensor:
         return self.tokenizer.encode(texts, self.context_length)[0]
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, trim: bool = True) -> Tensor:
         n, length = tokens.shape
         if length > self.context_length:
             raise ValueError(f"tokens have {length} positions; this text encoder holds "
@@ -125,8 +125,9 @@ class TextTransformer(nn.Module):
         end = (tokens == self.tokenizer.eot).int().argmax(dim=1)
         # the positions after the batch's longest caption are padding that no eot reads: not computed
         # (a caption of 40 bytes in a context of 64 costs 40 positions, not 64)
-        length = int(end.max()) + 1
-        tokens = tokens[:, :length]
+        if trim:  # not in an exported graph, which would keep one batch's length as a constant
+            tokens = tokens[:, : int(end.max()) + 1]
+        length = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:length]
         # True above the diagonal: no position sees later ones, so padding after eot cannot reach it
         mask = torch.ones(length, length, dtype=torch.bool, device=tokens.device).triu(1)

@@ -12,14 +12,26 @@ from .errors import UserError
 
 
 class ImageTower(nn.Module):
-    """The image encoder and its projection: normalized embeddings in the space shared with the text."""
+    """The image encoder and its projection: normalized embeddings in the space shared with the text
+    (its state_dict holds those two alone: what cl-export writes of it)."""
 
     def __init__(self, method: nn.Module):
         super().__init__()
-        self.method = method
+        self.encoder, self.image_proj = method.encoder, method.image_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.method.embed_image(x).float(), dim=1)
+        return F.normalize(self.image_proj(self.encoder(x)).float(), dim=1)
+
+
+class TextTower(nn.Module):
+    """The text tower: token ids (N, context_length) to normalized embeddings in the shared space."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.text = method.text
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.normalize(self.text(tokens, trim=False).float(), dim=1)
 
 
 def image_text_from_checkpoint(ckpt: dict, source) -> nn.Module:

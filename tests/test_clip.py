@@ -1,6 +1,7 @@
 """CLIP and SigLIP: the losses by hand and against open_clip, two processes against one, the pairs
 reader, the zero-shot and retrieval metrics on a case whose answers are known, and the commands."""
 
+import csv
 import json
 import math
 
@@ -309,3 +310,95 @@ def test_bad_prompt_files_are_one_line(digits_clip, content, key, expected):
     assert proc.returncode != 0
     lines = error_lines(proc)
     assert len(lines) == 1 and expected in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def digits_index(digits_clip):
+    proc = run_cli("cl-embed", "checkpoint=run/checkpoints/last.pt", "input=digits", "hydra.run.dir=emb", cwd=digits_clip)
+    assert proc.returncode == 0, error_lines(proc)[-5:]
+    return digits_clip / "emb"
+
+
+def test_load_clip_gives_both_towers_in_one_normalized_space(digits_clip, digits_ckpt):
+    from contrastive_cli import load_clip
+
+    model = load_clip(digits_clip / "run/checkpoints/last.pt")
+    text = model.encode_text(["a photo of a 3.", "一只猫"])
+    image = model.encode_image(np.zeros((2, 32, 32, 1), dtype=np.uint8))  # N x H x W x C, as numpy holds images
+    assert text.shape == image.shape == (2, 128)  # method.embed_dim
+    assert torch.allclose(text.norm(dim=1), torch.ones(2)) and torch.allclose(image.norm(dim=1), torch.ones(2))
+    with pytest.raises(UserError, match="a SimCLR checkpoint has no text tower; load_clip and cl-search need"):
+        load_clip(digits_ckpt)
+
+
+def test_cl_search_top_k_equals_a_brute_force_loop(digits_clip, digits_index):
+    from contrastive_cli import load_clip
+
+    queries = ["a photo of a 3.", "a 7."]
+    proc = run_cli("cl-search", "checkpoint=run/checkpoints/last.pt", f"index={digits_index}",
+                   f"text=[{', '.join(queries)}]", "k=5", "hydra.run.dir=search", cwd=digits_clip)
+    assert proc.returncode == 0, error_lines(proc)[-5:]
+    assert (digits_clip / "search/search.png").stat().st_size > 10_000
+    rows = list(csv.DictReader(open(digits_clip / "search/search.csv")))
+    assert len(rows) == 10
+    model = load_clip(digits_clip / "run/checkpoints/last.pt")
+    images = np.load(digits_index / "image_text_embeddings.npy")
+    index = [r["path"] for r in csv.DictReader(open(digits_index / "index.csv"))]
+    for q in queries:
+        t = model.encode_text([q])[0].numpy()
+        scores = [(float(t @ (v / np.linalg.norm(v))), i) for i, v in enumerate(images)]  # one row at a time
+        best = sorted(scores, reverse=True)[:5]
+        got = [r for r in rows if r["query"] == q]
+        assert [int(r["row"]) for r in got] == [i for _, i in best]
+        assert [r["path"] for r in got] == [index[i] for _, i in best]
+        assert [float(r["cosine"]) for r in got] == pytest.approx([s for s, _ in best], abs=1e-4)
+
+
+def test_cl_search_bad_input_is_one_line(digits_clip, digits_index, digits_ckpt, tmp_path):
+    other = run_cli("cl-embed", f"checkpoint={digits_ckpt}", "input=digits", "hydra.run.dir=emb_simclr", cwd=tmp_path)
+    assert other.returncode == 0
+    cases = [
+        ([f"index={tmp_path}", "text=a 3"], "not a cl-embed output folder (no embed.json)"),
+        ([f"index={tmp_path / 'emb_simclr'}", "text=a 3"], "made by the checkpoint"),
+        ([f"index={digits_index}", "text=' '"], "a query is empty"),
+        ([f"index={digits_index}"], "text: give a query"),
+        ([f"index={digits_index}", "image=nothing.png"], "image=nothing.png: not a readable image"),
+    ]
+    for args, expected in cases:
+        proc = run_cli("cl-search", "checkpoint=run/checkpoints/last.pt", *args, cwd=digits_clip)
+        lines = error_lines(proc)
+        assert proc.returncode != 0 and len(lines) == 1 and expected in lines[0], (args, lines)
+    proc = run_cli("cl-search", f"checkpoint={digits_ckpt}", f"index={digits_index}", "text=a 3", cwd=tmp_path)
+    assert proc.returncode != 0 and "has no text tower" in error_lines(proc)[-1]
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "torchscript", "onnx"])
+def test_export_writes_both_towers_and_they_give_load_clips_embeddings(digits_clip, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    from contrastive_cli import load_clip
+
+    out = digits_clip / f"ex_{fmt}" / {"state_dict": "m.pt", "torchscript": "m.torchscript.pt", "onnx": "m.onnx"}[fmt]
+    proc = run_cli("cl-export", "checkpoint=run/checkpoints/last.pt", f"format={fmt}", f"out={out}", cwd=digits_clip)
+    assert proc.returncode == 0, error_lines(proc)[-5:]
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
+    text_file = meta["text"]["file"]
+    assert meta["text"]["tokenizer"] == "bytes" and meta["text"]["context_length"] == 64
+    model = load_clip(digits_clip / "run/checkpoints/last.pt")
+    captions = ["a photo of a 3.", "雨中的猫"]
+    tokens = model.tokenize(captions)
+    expected = model.encode_text(captions)
+    if fmt == "torchscript":
+        got = torch.jit.load(text_file)(tokens)
+    elif fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(text_file, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(["features"], {"tokens": tokens.numpy()})[0])
+    else:
+        from contrastive_cli.zeroshot import TextTower
+
+        tower = TextTower(model.method)
+        tower.load_state_dict(torch.load(text_file, weights_only=True))
+        got = tower(tokens)
+    assert torch.allclose(got, expected, atol=1e-5)  # the exported text tower is load_clip's, at full length

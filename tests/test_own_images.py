@@ -226,7 +226,7 @@ def test_each_export_loads_without_this_package_and_matches(tmp_path, resnet_ckp
 def test_export_that_fails_its_check_leaves_no_file(tmp_path, digits_ckpt, monkeypatch):
     from contrastive_cli import export
 
-    monkeypatch.setattr(export, "_read_features", lambda fmt, path, x, rebuild: torch.zeros(len(x), 64))
+    monkeypatch.setattr(export, "_read_features", lambda fmt, path, x, rebuild, name="images": torch.zeros(len(x), 64))
     out = tmp_path / "enc.pt"
     with pytest.raises(UserError, match=r"^format=torchscript: the written file's features differ"):
         export.run_export(compose_cfg("export", [f"checkpoint={digits_ckpt}", "format=torchscript", f"out={out}"]))
