@@ -41,6 +41,8 @@ def image_text_from_checkpoint(ckpt: dict, source) -> nn.Module:
     from .parts import build_model
 
     cfg = OmegaConf.create(ckpt["config"])
+    if cfg.method.get("pretrained"):  # open_clip's towers: the weights come from the checkpoint, not that file
+        cfg.method.pretrained = None
     method = build_model(cfg)[1]
     if not ckpt.get("model"):
         raise UserError(f"{source}: holds no text tower (an untrained-encoder checkpoint); use a cl-train checkpoint")

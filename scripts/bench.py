@@ -136,10 +136,12 @@ def setup(args, overrides: list[str]) -> SimpleNamespace:
     seed_everything(t.seed)
     if args.synthetic:
         shape = (args.synthetic, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
-        data = TensorImages(torch.randint(0, 256, shape, dtype=torch.uint8), torch.zeros(args.synthetic), [])
+        data = TensorImages(torch.randint(0, 256, shape, dtype=torch.uint8), torch.arange(args.synthetic) % 10,
+                            [str(i) for i in range(10)])
     else:
         data = build(cfg.dataset.source, "dataset").train
     _, method = build_model(cfg)
+    method.use_data(data, cfg.dataset)  # clip, siglip: the captions (templated class names)
     method.to(device).to(memory_format=torch.channels_last if prec.channels_last else torch.contiguous_format)
     augment = build(cfg.augmentation, "augmentation").to(device)
     optimizer = build_optimizer(build(cfg.optimizer, "optimizer"), method, cfg.optimizer.lr,

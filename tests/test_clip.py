@@ -402,3 +402,82 @@ def test_export_writes_both_towers_and_they_give_load_clips_embeddings(digits_cl
         tower.load_state_dict(torch.load(text_file, weights_only=True))
         got = tower(tokens)
     assert torch.allclose(got, expected, atol=1e-5)  # the exported text tower is load_clip's, at full length
+
+
+def test_templates_put_the_given_class_names_into_the_given_templates(tmp_path):
+    from omegaconf import OmegaConf
+
+    from contrastive_cli.data import TensorImages
+
+    (tmp_path / "names.txt").write_text("零\n一\n二\n", encoding="utf-8")
+    (tmp_path / "templates.txt").write_text("一张{}的照片。\n{}。\n", encoding="utf-8")
+    torch.manual_seed(0)
+    text = TextTransformer(width=16, layers=1, heads=2, embed_dim=4)
+    method = CLIP(Flat(), text, embed_dim=4, templates=str(tmp_path / "templates.txt"),
+                  classnames=str(tmp_path / "names.txt"))
+    train = TensorImages(torch.zeros(6, 1, 2, 3, dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2]), ["0", "1", "2"])
+    method.use_data(train, OmegaConf.create({"name": "digits", "captions": "templates"}))
+    torch.manual_seed(1)
+    tokens = method.caption_tokens(torch.tensor([2, 2, 2, 2, 2, 2, 2, 2]))
+    assert {tuple(t.tolist()) for t in tokens} == {tuple(r) for r in method.tokenize(["一张二的照片。", "二。"]).tolist()}
+    (tmp_path / "names.txt").write_text("零\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"method.classnames=.*names.txt: names 1 classes; dataset digits has 3"):
+        method.use_data(train, OmegaConf.create({"name": "digits", "captions": "templates"}))
+
+
+# ------------------------------------------------------------------------------ open_clip's towers
+
+TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    """A small open_clip configuration and a weights file of it (random, seeded), as a download would give."""
+    open_clip = pytest.importorskip("open_clip")
+    root = tmp_path_factory.mktemp("open_clip")
+    (root / "tiny-clip.json").write_text(json.dumps(TINY))
+    open_clip.add_model_config(str(root / "tiny-clip.json"))
+    torch.manual_seed(3)
+    model = open_clip.create_model("tiny-clip")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(50.0))
+    torch.save(model.state_dict(), root / "weights.pt")
+    return root, model
+
+
+def test_open_clip_towers_start_from_the_weights_file(tiny_open_clip):
+    root, reference = tiny_open_clip
+    method = CLIP(None, None, towers="open_clip", model="tiny-clip", pretrained=str(root / "weights.pt"),
+                  model_config=str(root / "tiny-clip.json")).eval()
+    reference.eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = method.tokenize(["a photo of a cat.", "a dog"])
+    with torch.no_grad():
+        assert torch.allclose(method.embed_image(x), reference.encode_image(x), atol=1e-6)
+        assert torch.allclose(method.embed_text(tokens), reference.encode_text(tokens), atol=1e-6)
+    assert method.logit_scale.exp().item() == pytest.approx(50.0, rel=1e-5)  # the model's own scale
+    assert tokens.shape == (2, 77)  # CLIP's tokenizer at the model's context length
+
+
+def test_fine_tune_open_clip_towers_on_pairs_then_eval(tiny_open_clip, tmp_path):
+    root, _ = tiny_open_clip
+    path = pairs_file(tmp_path, NAMES, n=32)
+    towers = ["method.towers=open_clip", "method.model=tiny-clip", f"method.model_config={root / 'tiny-clip.json'}",
+              f"method.pretrained={root / 'weights.pt'}"]
+    args = ["method=clip", "dataset=pairs", f"dataset.source.path={path}", "dataset.source.test_fraction=0.25",
+            "trainer.batch_size=8", "trainer.epochs=2", *towers]
+    proc = run_cli("cl-train", *args, "dataset.image_size=16", cwd=tmp_path)
+    assert proc.returncode != 0 and error_lines(proc) == [
+        "cl-train: error: dataset.image_size=16: open_clip tiny-clip takes 32 px images; set dataset.image_size=32"]
+    proc = run_cli("cl-train", *args, "dataset.image_size=32", "hydra.run.dir=run", cwd=tmp_path)
+    assert proc.returncode == 0, error_lines(proc)[-5:]
+    (root / "weights.pt").rename(root / "moved.pt")  # evaluation needs the checkpoint alone
+    try:
+        proc = run_cli("cl-eval", "checkpoint=run/checkpoints/last.pt", "hydra.run.dir=ev", cwd=tmp_path)
+    finally:
+        (root / "moved.pt").rename(root / "weights.pt")
+    assert proc.returncode == 0, error_lines(proc)[-5:]
+    assert "i2t_r1" in json.loads((tmp_path / "ev/eval.json").read_text())
+    proc = run_cli("cl-train", *args[:-1], "method.pretrained=nowhere.pt", cwd=tmp_path)
+    assert error_lines(proc)[-1].startswith("cl-train: error: method.pretrained=nowhere.pt: not a file; give a local")

@@ -12,10 +12,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..captions import TRAIN_TEMPLATES, PairImages, read_templates
+from ..captions import TRAIN_TEMPLATES, PairImages, read_lines, read_templates
 from ..distributed import gather_with_grad, rank_and_world
-from ..errors import UserError, positive
+from ..errors import UserError, check, positive
 from ..losses import clip_loss, siglip_loss
+from ..open_clip_towers import build_towers
+from ..open_clip_towers import check_data as check_open_clip_data
 from .base import Method, StepOutput
 
 log = logging.getLogger(__name__)
@@ -28,15 +30,29 @@ class ImageText(Method):
     supervised = True  # a batch's labels are its caption keys: the data check refuses a split without them
 
     def __init__(self, encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 128, logit_scale: float = 1.0,
-                 logit_bias: float | None = None, templates: str | None = None):
+                 logit_bias: float | None = None, templates: str | None = None, classnames: str | None = None,
+                 towers: str = "own", model: str | None = None, pretrained: str | None = None,
+                 model_config: str | None = None):
+        check(towers in ("own", "open_clip"), f"method.towers={towers}: choose from own, open_clip")
+        scale = torch.tensor(math.log(logit_scale))
+        bias = torch.tensor(float(logit_bias)) if logit_bias is not None else None
+        self.open_clip = model if towers == "open_clip" else None
+        if self.open_clip is not None:  # a published model's towers and its own starting scale
+            check(model is not None, "method.towers=open_clip: give method.model=NAME (e.g. ViT-B-32)")
+            encoder, text_encoder, (start, start_bias) = build_towers(model, pretrained, model_config)
+            embed_dim, scale = encoder.feature_dim, start
+            bias = start_bias if start_bias is not None and bias is not None else bias
         super().__init__(encoder)
         positive("method.embed_dim", embed_dim)
         self.text = text_encoder
-        self.image_proj = nn.Linear(encoder.feature_dim, embed_dim, bias=False)
-        nn.init.normal_(self.image_proj.weight, std=encoder.feature_dim**-0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias))) if logit_bias is not None else None
-        self.templates = templates
+        if self.open_clip is not None:
+            self.image_proj = nn.Identity()  # open_clip's image tower ends in its own projection
+        else:
+            self.image_proj = nn.Linear(encoder.feature_dim, embed_dim, bias=False)
+            nn.init.normal_(self.image_proj.weight, std=encoder.feature_dim**-0.5)
+        self.logit_scale = nn.Parameter(scale)
+        self.logit_bias = nn.Parameter(bias) if bias is not None else None
+        self.templates, self.classnames = templates, classnames
         self.captions: Tensor | None = None  # tokens: (rows, L) for pairs, (templates, classes, L) for templates
         self.by_class = False
 
@@ -44,6 +60,8 @@ class ImageText(Method):
         """Tokenize the training split's captions once (pairs), or its class names in the templates."""
         tok, length = self.text.tokenizer, self.text.context_length
         name = dataset_cfg.name
+        if self.open_clip is not None:
+            check_open_clip_data(self.encoder, dataset_cfg, self.open_clip)
         if isinstance(train, PairImages):
             tokens, cut = tok.encode(train.captions, length)
             self.captions, self.by_class = tokens.int(), False
@@ -56,6 +74,12 @@ class ImageText(Method):
                                 f"all labelled with class names to caption); use dataset=pairs dataset.source.path=FILE "
                                 f"(a .csv/.tsv/.jsonl of image paths and captions), or a labelled dataset with "
                                 f"dataset.captions=templates")
+            if self.classnames:  # the names to caption with (another language, better words than "0".."9")
+                classes = read_lines(self.classnames, "method.classnames")
+                n_cls = int(labels.max()) + 1
+                if len(classes) < n_cls:
+                    raise UserError(f"method.classnames={self.classnames}: names {len(classes)} classes; dataset {name} "
+                                    f"has {n_cls} (one name per line, in class order)")
             templates = read_templates(self.templates, TRAIN_TEMPLATES, "method.templates")
             texts = [t.format(c) for t in templates for c in classes]
             tokens, cut = tok.encode(texts, length)
@@ -68,6 +92,13 @@ class ImageText(Method):
         if cut:
             lines.append(f"{cut} caption(s) longer than text_encoder.context_length={length} tokens truncated")
         return lines
+
+    @classmethod
+    def eval_encoder(cls, encoder: nn.Module, method_cfg) -> nn.Module:
+        """With open_clip's towers, the image tower (its weights come from the checkpoint)."""
+        if method_cfg.get("towers", "own") != "open_clip":
+            return encoder
+        return build_towers(method_cfg.model, None, method_cfg.get("model_config"))[0]
 
     @property
     def method_name(self) -> str:
@@ -110,8 +141,10 @@ class CLIP(ImageText):
     """Symmetric cross-entropy over the image-caption similarities, temperature learnt (from 1/0.07)."""
 
     def __init__(self, encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 128, init_scale: float = 1 / 0.07,
-                 templates: str | None = None):
-        super().__init__(encoder, text_encoder, embed_dim, positive("method.init_scale", init_scale), None, templates)
+                 templates: str | None = None, classnames: str | None = None, towers: str = "own",
+                 model: str | None = None, pretrained: str | None = None, model_config: str | None = None):
+        super().__init__(encoder, text_encoder, embed_dim, positive("method.init_scale", init_scale), None, templates,
+                         classnames, towers, model, pretrained, model_config)
 
     def loss(self, image: Tensor, text: Tensor, offset: int) -> Tensor:
         return clip_loss(image, text, gather_with_grad(image), gather_with_grad(text), self.logit_scale, offset)
@@ -121,9 +154,11 @@ class SigLIP(ImageText):
     """A sigmoid per (image, caption) pair, with a learnt scale (from 10) and bias (from -10)."""
 
     def __init__(self, encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 128, init_scale: float = 10.0,
-                 init_bias: float = -10.0, templates: str | None = None):
+                 init_bias: float = -10.0, templates: str | None = None, classnames: str | None = None,
+                 towers: str = "own", model: str | None = None, pretrained: str | None = None,
+                 model_config: str | None = None):
         super().__init__(encoder, text_encoder, embed_dim, positive("method.init_scale", init_scale), init_bias,
-                         templates)
+                         templates, classnames, towers, model, pretrained, model_config)
 
     def loss(self, image: Tensor, text: Tensor, offset: int) -> Tensor:
         return siglip_loss(image, gather_with_grad(text), self.logit_scale, self.logit_bias, offset)
