@@ -169,7 +169,9 @@ def finite_and_present(cfg: DictConfig) -> None:
     """No ??? left unset, and no nan / inf anywhere: they pass every range check (nan < 0 is false)."""
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
     if missing:
-        hint = {"checkpoint": "<path to a .pt checkpoint>", "dataset.source.root": "<folder of images>"}
+        hint = {"checkpoint": "<path to a .pt checkpoint>", "dataset.source.root": "<folder of images>",
+                "dataset.source.path": "<a .csv/.tsv/.jsonl of image paths and captions>",
+                "index": "<a cl-embed output folder made with this checkpoint>"}
         raise UserError(f"{missing[0]}: missing; give {missing[0]}={hint.get(missing[0], '<value>')}")
     for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
         if isinstance(value, float) and not math.isfinite(value) and not key.startswith("hydra"):

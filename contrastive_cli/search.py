@@ -136,6 +136,6 @@ def _search_png(path: Path, queries, hits, rows, meta: dict, data_dir: str) -> N
         axes[q * lines][0].set_title(f"“{name}”" if not name.startswith("image ") else name, fontsize=9, loc="left",
                                      color="C3")
     fig.suptitle(f"{len(queries)} queries and their {k} nearest images by cosine similarity", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(path)
     plt.close(fig)

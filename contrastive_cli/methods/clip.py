@@ -36,13 +36,13 @@ class ImageText(Method):
         check(towers in ("own", "open_clip"), f"method.towers={towers}: choose from own, open_clip")
         scale = torch.tensor(math.log(logit_scale))
         bias = torch.tensor(float(logit_bias)) if logit_bias is not None else None
-        self.open_clip = model if towers == "open_clip" else None
-        if self.open_clip is not None:  # a published model's towers and its own starting scale
+        if towers == "open_clip":  # a published model's towers and its own starting scale
             check(model is not None, "method.towers=open_clip: give method.model=NAME (e.g. ViT-B-32)")
             encoder, text_encoder, (start, start_bias) = build_towers(model, pretrained, model_config)
             embed_dim, scale = encoder.feature_dim, start
             bias = start_bias if start_bias is not None and bias is not None else bias
         super().__init__(encoder)
+        self.open_clip = model if towers == "open_clip" else None  # the configuration's name
         positive("method.embed_dim", embed_dim)
         self.text = text_encoder
         if self.open_clip is not None:
