@@ -222,7 +222,9 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
     run = ckpt.get("run") or {}
     base = {"checkpoint": str(ckpt_path.resolve()), "dataset": target.name, "pretrained_on": ds.name,
             "transfer": target is not ds, "method": train_cfg.method._target_, "epoch": ckpt["epoch"]}
-    text = image_text_eval(ckpt, ckpt_path, splits, target, e, device) if is_image_text(train_cfg) else {}
+    # an untrained-encoder checkpoint (a floor) holds the image encoder alone: scored as any encoder
+    text = (image_text_eval(ckpt, ckpt_path, splits, target, e, device)
+            if is_image_text(train_cfg) and ckpt.get("model") else {})
     if not splits.labeled:
         if not text:
             raise UserError(unlabeled_message(target, "cl-eval has nothing to score against"))

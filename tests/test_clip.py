@@ -481,3 +481,17 @@ def test_fine_tune_open_clip_towers_on_pairs_then_eval(tiny_open_clip, tmp_path)
     assert "i2t_r1" in json.loads((tmp_path / "ev/eval.json").read_text())
     proc = run_cli("cl-train", *args[:-1], "method.pretrained=nowhere.pt", cwd=tmp_path)
     assert error_lines(proc)[-1].startswith("cl-train: error: method.pretrained=nowhere.pt: not a file; give a local")
+
+
+def test_the_readme_load_clip_snippet_runs_as_printed(digits_clip, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    from PIL import Image
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "load_clip" in b)
+    monkeypatch.chdir(digits_clip)
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save("cat.jpg")
+    exec(block.replace("outputs/train/<date>/<time>/checkpoints/last.pt", "run/checkpoints/last.pt"), {})
+    assert capsys.readouterr().out.strip() == "torch.Size([1, 2])"
