@@ -103,6 +103,7 @@ def image_text_eval(ckpt: dict, source, splits, ds, e, device: torch.device) -> 
     """cl-eval's image-text numbers: zero-shot on a labelled test split (class names: the dataset's, or
     eval.classnames; prompts: the held-out list, or eval.templates), retrieval on held-out pairs."""
     from .captions import EVAL_TEMPLATES, read_lines, read_templates
+    from .data import TensorImages
     from .evaluate import extract_features
 
     method = image_text_from_checkpoint(ckpt, source).to(device)
@@ -120,28 +121,13 @@ def image_text_eval(ckpt: dict, source, splits, ds, e, device: torch.device) -> 
         out["zeroshot_templates"] = len(templates)
     held = getattr(splits, "held_out", None)
     if held is not None:
-        img, _ = extract_features(ImageTower(method), ImageRows(held), ds.mean, ds.std, device, e.batch_size,
+        each_image = TensorImages(held.images, torch.arange(len(held.images)), [])  # ranked once, not per caption
+        img, _ = extract_features(ImageTower(method), each_image, ds.mean, ds.std, device, e.batch_size,
                                   "retrieval images")
         out.update(retrieval_scores(img, embed_texts(method, held.captions, device), held.image_of))
         out.update(n_retrieval_images=len(held.images), n_retrieval_captions=len(held.captions))
     return out
 
-
-class ImageRows(torch.utils.data.Dataset):
-    """Each distinct image of a PairImages once (retrieval ranks images, not rows)."""
-
-    def __init__(self, pairs):
-        self.images = pairs.images
-        self.labels = torch.arange(len(pairs.images))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.images[i], i
-
-    def take(self, idx: Tensor):
-        return self.images[idx], idx
 
 
 def zeroshot_monitor(method: nn.Module, test, ds, device: torch.device, bars: bool = True):
