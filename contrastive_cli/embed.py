@@ -22,6 +22,7 @@ from .data import TensorImages, decode_batches, folder_labels, image_files, warn
 from .errors import UserError, check, positive
 from .parts import resolve_device
 from .progress import bar
+from .zeroshot import image_text_towers
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
         raise UserError(f"input={source}: not a folder, nor a dataset ({', '.join(dataset_options())})")
     queries = _query_keys(cfg, source, paths)  # a wrong query fails before the long pass
     pre = Preprocess(size, channels, ds.mean, ds.std, device)
-    tower = _image_tower(ckpt, ckpt_path, train_cfg, device)  # CLIP/SigLIP: the space shared with the text too
+    towers = image_text_towers(ckpt, ckpt_path, train_cfg)  # CLIP/SigLIP: the space shared with the text too
+    tower = towers[0].to(device) if towers is not None else None
     feats, shared, ok = [], [], []
     with torch.no_grad():
         for x, good in bar(batches, n_batches, "embedding", leave=True):
@@ -166,15 +168,6 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
         eval_to_tracker(train_cfg, ckpt_path.parent.parent, {}, {"neighbours": out_dir / "neighbours.png"},
                         int(ckpt["step"]))
     return result
-
-
-def _image_tower(ckpt: dict, source: Path, cfg, device: torch.device):
-    """An image-text checkpoint's image tower into the shared space (normalized), else None."""
-    from .zeroshot import ImageTower, image_text_from_checkpoint, is_image_text
-
-    if not is_image_text(cfg) or not ckpt.get("model"):
-        return None
-    return ImageTower(image_text_from_checkpoint(ckpt, source).to(device)).eval()
 
 
 def _query_keys(cfg: DictConfig, source: str, paths: list[str]) -> list[str]:

@@ -16,6 +16,7 @@ from torch import nn
 from . import checkpoint, files
 from .api import encoder_from_checkpoint
 from .errors import UserError, check
+from .zeroshot import image_text_towers
 
 log = logging.getLogger(__name__)
 
@@ -167,18 +168,6 @@ def run_export(cfg: DictConfig) -> dict:
             out.parent.rmdir()
         raise
     return meta
-
-
-def image_text_towers(ckpt: dict, source, cfg):
-    """(image tower, text tower) of a CLIP / SigLIP checkpoint, else None. The text tower is put in
-    train mode: it has no dropout and no batch-norm, so it computes what eval mode does, without the
-    fused attention kernel that neither tracing to ONNX nor older runtimes can read."""
-    from .zeroshot import ImageTower, TextTower, image_text_from_checkpoint, is_image_text
-
-    if not is_image_text(cfg) or not ckpt.get("model"):
-        return None
-    method = image_text_from_checkpoint(ckpt, source)
-    return ImageTower(method).eval(), TextTower(method).train()
 
 
 def _export_text(fmt: str, towers, ckpt, source, cfg, tmp: Path, final: Path) -> dict:

@@ -50,6 +50,16 @@ def image_text_from_checkpoint(ckpt: dict, source) -> nn.Module:
     return method.eval()
 
 
+
+def image_text_towers(ckpt: dict, source, cfg):
+    """(image tower, text tower) of a CLIP / SigLIP checkpoint (eval-ready, CPU), else None: what cl-embed
+    and cl-export read. The text tower is put in train mode: it has no dropout and no batch-norm, so it
+    computes what eval mode does, without the fused attention kernel that tracing to ONNX cannot read."""
+    if not is_image_text(cfg) or not ckpt.get("model"):
+        return None
+    method = image_text_from_checkpoint(ckpt, source)
+    return ImageTower(method).eval(), TextTower(method).train()
+
 @torch.no_grad()
 def embed_texts(method: nn.Module, texts: list[str], device: torch.device, batch_size: int = 1024) -> Tensor:
     """Normalized text embeddings, float32 on the CPU."""
