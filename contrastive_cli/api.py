@@ -43,7 +43,7 @@ class Preprocess:
         """The batch as uint8 (N, C, S, S), before scaling and normalization."""
         from PIL import Image
 
-        from .data import pil_to_uint8
+        from .data.images import pil_to_uint8
 
         if isinstance(images, Image.Image):
             images = [images]

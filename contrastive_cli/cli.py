@@ -348,7 +348,8 @@ def train_job(cfg: DictConfig) -> dict | None:
     error.unlink(missing_ok=True)
     failed_before = len(_failures)
     # one writer per run folder: cl-train itself (its DDP ranks under it), or rank 0 of a torchrun by hand
-    locking = not os.environ.get(_LAUNCHED) and os.environ.get("RANK", "0") == "0"
+    locking = (not os.environ.get(_LAUNCHED) and os.environ.get("RANK", "0") == "0"
+               and os.environ.get("SLURM_NODEID", "0") == "0")  # a job of several nodes: the first one's
     try:
         with files.run_lock(run_dir) if locking else contextlib.nullcontext():
             return _train(cfg, run_dir, failed_before)
@@ -445,8 +446,8 @@ def _launch_ddp(devices: int, run_dir: Path) -> None:
     SIGTERM / SIGINT are passed on, so the ranks stop together with a checkpoint."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-           "-m", "contrastive_cli.train", *_overrides(), f"hydra.run.dir={_quote(str(run_dir))}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *_rendezvous(), f"--nproc_per_node={devices}",
+           "-m", "contrastive_cli.cli", *_overrides(), f"hydra.run.dir={_quote(str(run_dir))}"]
     # a session of its own: a Ctrl-C in the terminal reaches only this process, which passes it to the
     # training processes themselves (torchrun, signalled, would kill them after its own traceback)
     proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, _LAUNCHED: "1"})
@@ -472,6 +473,26 @@ def _launch_ddp(devices: int, run_dir: Path) -> None:
         _fail("cl-train", f"trainer.devices={devices}: a training process exited with status {code} (see above)")
 
 
+def _rendezvous(env=os.environ) -> list[str]:
+    """torchrun's rendezvous options: this machine alone, or, in a SLURM job of several nodes with one
+    task per node (Hydra's submitit launcher with hydra.launcher.nodes=N), every node's torchrun meeting
+    at the job's first node, port 29500 + the job id's last three digits."""
+    import subprocess
+
+    nodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")) or 1)
+    if nodes <= 1 or int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1) != 1:
+        return ["--standalone"]
+    try:
+        head = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
+                              text=True, check=True, timeout=60).stdout.split()[0]
+    except (OSError, KeyError, IndexError, subprocess.SubprocessError) as e:
+        raise UserError(f"a SLURM job on {nodes} nodes, but its first node is unknown (scontrol show hostnames "
+                        f"$SLURM_JOB_NODELIST: {e}); launch cl-torchrun on each node yourself") from None
+    job = env.get("SLURM_JOB_ID", "0")
+    return [f"--nnodes={nodes}", f"--node_rank={env.get('SLURM_NODEID', '0')}", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={head}:{29500 + int(job[-3:] or 0)}", f"--rdzv_id=slurm{job}"]
+
+
 def _children(pid: int) -> list[int]:
     """The child processes of `pid` (Linux /proc); empty where that cannot be read."""
     try:
@@ -489,7 +510,7 @@ def _guarded(prog: str, work, where):
         _fail(prog, str(e))
     except OSError as e:
         _fail(prog, f"{e.filename or where}: {e.strerror or e}")
-    if prog != "cl-export":
+    if prog not in ("cl-export", "cl-pack"):
         _discard_if_bare(Path(HydraConfig.get().runtime.output_dir))
     return None
 
@@ -561,8 +582,21 @@ def export_job(cfg: DictConfig) -> dict | None:
     return meta
 
 
+def _brace_lists(argv: list[str]) -> list[str]:
+    """`dataset.source.path=data/shard-{000000..000099}.tar` as typed (the shell took its quotes): Hydra's
+    grammar reads a brace as a dictionary, so such a value is handed over quoted."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        braces = re.search(r"\{[^{}:]*(\.\.|,)[^{}:]*\}.*\.tar$", value)  # not a dictionary: {a: 1, b: 2}
+        out.append(f"{key}={_quote(value)}" if eq and braces and value[:1] not in "'\"" and not key.startswith("-")
+                   else arg)
+    return out
+
+
 def _main(prog: str, config_name: str, job, validate, runtime_check=None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.argv[1:] = _brace_lists(sys.argv[1:])
     if os.getcwd() not in sys.path:  # a user's own `_target_: my_methods.Mine` imports as under `python -m`
         sys.path.append(os.getcwd())
     try:
@@ -577,7 +611,7 @@ def _main(prog: str, config_name: str, job, validate, runtime_check=None) -> Non
             except UserError as e:
                 _fail(prog, str(e))
                 sys.exit(1)
-        if _precheck(config_name, sys.argv[1:], validate, runtime_check) and config_name != "export":
+        if _precheck(config_name, sys.argv[1:], validate, runtime_check) and config_name not in ("export", "pack"):
             try:
                 sys.argv += _run_dir_overrides(config_name, sys.argv[1:])
             except UserError as e:
@@ -617,6 +651,18 @@ def _auto_resume(argv: list[str]) -> list[str]:
     print(f"cl-train: trainer.resume=auto: no checkpoint in {folder} yet: starting the run there", file=sys.stderr,
           flush=True)
     return [a for a in argv if a.lstrip("+") != "trainer.resume=auto"]
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="pack")
+def pack_job(cfg: DictConfig) -> dict | None:
+    from .pack import run_pack
+
+    result = _guarded("cl-pack", lambda: run_pack(cfg), cfg.out)
+    if result is not None:
+        print(f"{result['train']} training and {result['test']} held-out samples in {result['shards']} shards"
+              + (f" ({len(result['skipped'])} unreadable skipped)" if result["skipped"] else "")
+              + f"; wrote {result['out']}/index.json")
+    return result
 
 
 def _plain_optuna_log() -> None:
@@ -674,20 +720,36 @@ def export() -> None:
     _main("cl-export", "export", export_job, validate_export_job)
 
 
-if __name__ == "__main__":
-    train()
+def pack() -> None:
+    """`cl-pack input=<folder | pairs file> out=<folder>`: WebDataset shards for dataset=shards."""
+    from .pack import validate_pack_job
+
+    if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+        _fail("cl-pack", "-m: one pack per command")
+        sys.exit(1)
+    _main("cl-pack", "pack", pack_job, validate_pack_job)
 
 
 def torchrun() -> None:
-    """`cl-torchrun [torchrun's options] -m contrastive_cli.train [overrides]`: torchrun itself, except that
+    """`cl-torchrun [torchrun's options] -m contrastive_cli.cli [overrides]`: torchrun itself, except that
     a SIGTERM / SIGINT to it (a cluster's preemption) ends in one line instead of its agent's traceback;
-    its ranks stop as under cl-train, each after its step, rank 0 with a checkpoint."""
+    its ranks stop as under cl-train, each after its step, rank 0 with a checkpoint. The older module
+    name, `-m contrastive_cli.train`, is read as `-m contrastive_cli.cli`."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main
 
+    args = sys.argv[1:]
+    for i in range(len(args) - 1):
+        if args[i] == "-m" and args[i + 1] == "contrastive_cli.train":
+            args[i + 1] = "contrastive_cli.cli"
+            break
     try:
-        main()
+        main(args)
     except SignalException as e:
         print(f"cl-torchrun: stopped by {e.sigval.name}; continue with trainer.resume=<the run folder>",
               file=sys.stderr, flush=True)
         sys.exit(128 + int(e.sigval))
+
+
+if __name__ == "__main__":  # what cl-train trainer.devices=N and cl-torchrun run in each rank
+    train()

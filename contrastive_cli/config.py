@@ -118,7 +118,7 @@ class EvalPathsCfg:
     image_root: str | None = None  # None: the image folder stored in the checkpoint
 
 
-DATASET_KEYS = ("name", "image_size", "channels", "num_classes", "mean", "std", "flip_p", "source", "captions")
+DATASET_KEYS = ("name", "image_size", "channels", "num_classes", "mean", "std", "flip_p", "source", "captions", "decode")
 TRAIN_KEYS = ("method", "encoder", "dataset", "augmentation", "optimizer", "trainer", "schedule", "paths", "logger",
               "text_encoder")
 EVAL_KEYS = ("checkpoint", "eval", "paths", "dataset")
@@ -213,7 +213,7 @@ def validate_train(cfg: DictConfig) -> tuple[TrainerCfg, ScheduleCfg]:
 def _dry_build(cfg: DictConfig, batch_size: int) -> None:
     """Build the method on a stand-in encoder, and the augmentation, so their range checks run
     before any data is loaded (and before any job of a sweep starts)."""
-    from .engine import flush_denormals, keep_freed_memory
+    from .runtime import flush_denormals, keep_freed_memory
 
     flush_denormals()  # a training process's first torch work is here: before OpenMP's threads start
     keep_freed_memory()
@@ -237,6 +237,7 @@ def stand_in_method(cfg: DictConfig):
 EMBED_KEYS = ("checkpoint", "input", "batch_size", "normalize", "neighbours", "queries", "num_queries", "seed",
               "device", "workers", "paths")
 EXPORT_KEYS = ("checkpoint", "format", "out")
+FORMATS = {"state_dict": ".pt", "torchscript": ".torchscript.pt", "onnx": ".onnx"}  # cl-export format: file suffix
 
 
 def validate_embed_job(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -256,8 +257,6 @@ def validate_embed_job(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def validate_export_job(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    from .export import FORMATS
-
     finite_and_present(cfg)
     unknown_top_keys(cfg, EXPORT_KEYS)
     check(isinstance(cfg.checkpoint, str) and cfg.checkpoint != "",

@@ -18,19 +18,22 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint, files
 from .api import Preprocess, check_features, encoder_from_checkpoint
 from .config import build
-from .data import TensorImages, decode_batches, folder_labels, image_files, warn_unreadable
+from .data.folder import folder_labels, image_files
+from .data.images import TensorImages, decode_batches, warn_unreadable
 from .errors import UserError, check, positive
 from .parts import resolve_device
 from .progress import bar
 from .zeroshot import image_text_towers
 
 log = logging.getLogger(__name__)
+SHARED = "image_text_embeddings.npy"  # beside embeddings.npy for an image-text checkpoint: what cl-search reads
 
 
 def dataset_options() -> list[str]:
     """The named datasets `input=` accepts (an image folder is given by its path instead)."""
     folder = resources.files("contrastive_cli.configs").joinpath("dataset")
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml") and p.name != "imagefolder.yaml")
+    yours = ("imagefolder.yaml", "pairs.yaml", "shards.yaml")  # given by their path instead
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml") and p.name not in yours)
 
 
 def _folder(root: str, size: int, channels: int, batch_size: int, workers: int):
@@ -39,6 +42,45 @@ def _folder(root: str, size: int, channels: int, batch_size: int, workers: int):
     if not paths:
         raise UserError(f"input={root}: has no image files (any format Pillow reads, in it or below)")
     return decode_batches(paths, size, channels, batch_size, workers), paths
+
+
+def _is_shards(source: str) -> bool:
+    """A folder of .tar shards (cl-pack's, or any), a brace list of them, or one .tar."""
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        return any(n.endswith(".tar") for n in os.listdir(path)) and not image_files(path)
+    return path.endswith(".tar")
+
+
+def _shards(source: str, size: int, channels: int, batch_size: int):
+    """Batches of every sample of shards (training ones, then held-out ones), rows named shard#key."""
+    from .data.samples import IMAGE_KEYS, parse, read_samples, shard_index
+    from .data.shards import load_shards
+
+    splits = load_shards(source, image_size=size, channels=channels, decode="cpu")
+    parts = [s for s in (splits.train, splits.test) if s is not None]
+    classes = splits.train.classes
+    rows = [(f"{shard.path}#{key}", (classes[y] if y < len(classes) else str(y)) if y >= 0 else "")
+            for part in parts for shard in part.shards for key, y in shard_index(shard.path)]
+
+    def batches():
+        x, ok = [], []
+        for part in parts:
+            for shard in part.shards:
+                for _, fields in read_samples(shard.path):
+                    got = parse(fields, size, channels, False)
+                    if got is None and not any(k in fields for k in IMAGE_KEYS):
+                        continue  # no image at all: not a row
+                    ok.append(got is not None)
+                    if got is not None:
+                        x.append(got[0])
+                    if len(ok) == batch_size:
+                        yield (torch.stack(x) if x else None), torch.tensor(ok)
+                        x, ok = [], []
+        if ok:
+            yield (torch.stack(x) if x else None), torch.tensor(ok)
+
+    return batches(), rows, -(-len(rows) // batch_size)
 
 
 def _named(name: str, data_dir: str, size: int, channels: int, batch_size: int):
@@ -100,7 +142,10 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
     device = resolve_device(cfg.device)
     encoder.to(device)
     source = str(cfg.input)
-    if os.path.isdir(os.path.expanduser(source)):
+    if _is_shards(source):
+        batches, rows, n_batches = _shards(source, size, channels, cfg.batch_size)
+        paths, labels = [r[0] for r in rows], [r[1] for r in rows]
+    elif os.path.isdir(os.path.expanduser(source)):
         source = os.path.expanduser(source)
         batches, found = _folder(source, size, channels, cfg.batch_size, cfg.workers)
         paths, labels, n_batches = [str(Path(p).resolve()) for p in found], None, len(batches)
@@ -146,7 +191,6 @@ def run_embed(cfg: DictConfig, out_dir: Path) -> dict:
               "image_size": size, "channels": channels}
     names = ["embeddings.npy", "index.csv", "embed.json"] + ["neighbours.png", "neighbours.csv"] * bool(cfg.neighbours)
     if shared:
-        from .search import SHARED
 
         names.append(SHARED)
         result["image_text_embeddings"] = str(out_dir / SHARED)  # what cl-search reads
@@ -215,12 +259,16 @@ def _neighbours(cfg: DictConfig, emb: torch.Tensor, rows: list, query_keys: list
 
 def row_picture(path: str, size: int, channels: int, data_dir: str) -> np.ndarray:
     """The image of an index row, for a picture: a file (at 64 px at least), or a named dataset's row."""
-    if os.path.isfile(path):
+    shard, _, key = path.rpartition("#")
+    if os.path.isfile(path) or os.path.isfile(shard):
+        import io
+
         from PIL import Image
 
-        from .data import pil_to_uint8
+        from .data.images import pil_to_uint8
+        from .data.samples import shard_image
 
-        with Image.open(path) as img:
+        with Image.open(path if os.path.isfile(path) else io.BytesIO(shard_image(shard, key))) as img:
             x = pil_to_uint8(img, max(size, 64), channels)
     else:  # dataset:split:index
         x = _named_image(path, data_dir)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
-from .data import iterate_batches, num_batches
+from .data.batches import iterate_batches, num_batches
 from .errors import Interrupted, UserError
 from .methods.base import Method
 
@@ -44,34 +44,6 @@ def last_due(size: int, since_s: float, final: bool) -> bool:
     best checkpoint is written too, which last.pt must not be older than)."""
     write_s = size / SAVE_BYTES_PER_S
     return final or write_s < ALWAYS_SAVE_S or since_s * SAVE_SHARE >= write_s
-
-
-def flush_denormals() -> None:
-    """Read and write denormal floats (below 1.2e-38) as zero on the CPU, in this thread and in the
-    threads it starts later: OpenMP's pool inherits the setting when it starts, so the earlier the
-    better. A matmul on denormal operands is several times slower on x86, and a softmax over many
-    logits makes them: after one Fashion-MNIST epoch CPC's step took 8.2 s instead of 1.7 s."""
-    torch.set_flush_denormal(True)
-
-
-def keep_freed_memory() -> None:
-    """Have glibc's malloc serve every block under 1 GiB from its heap and keep up to 2 GiB freed there.
-    By default a block over 32 MiB is a fresh mmap, whose pages the kernel zeroes on first touch, on every
-    step: a third of barlow_twins_imagenet's CPU step (its 8192 x 8192 weights, their gradients and LARS's
-    temporaries; 1.83 s -> 0.95 s on a 2-core Xeon) and a tenth of SimCLR's run (37.4 s -> 34.0 s), with the
-    same numbers. The cost: a training process holds on to the freed memory of its largest step. No-op
-    elsewhere (macOS, musl)."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-    mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
 
 
 def collapse_stats(z1: Tensor, z2: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -309,10 +281,12 @@ def fit(
                 generator.set_state(state.partial["generator"][loop.rank].clone())  # set_state reads from the
                 # start of the storage, not from a row's offset
                 sums = state.partial["sums"][loop.rank].to(prec.device)
+            streamed = state.partial.get("stream") if first else None  # shards: where each worker had got to
             batches = iterate_batches(data, loop.batch_size, loop.seed, epoch, loop.workers,
                                       pin=prec.device.type == "cuda", rank=loop.rank, world=loop.world,
                                       augment=augment if cpu_views else None,
-                                      aug_seed=loop.seed * 1_009 + epoch * 101 + loop.rank, start=first)
+                                      aug_seed=loop.seed * 1_009 + epoch * 101 + loop.rank, start=first,
+                                      resume=streamed[loop.rank] if streamed is not None else None)
             bar = progress.epoch_bar(batches, epoch, first, steps_per_epoch)
             for i, batch in enumerate(bar, start=first):
                 x1, x2, y, crops = make_views(batch, augment, generator, prec, cpu_views)
@@ -321,7 +295,7 @@ def fit(
                 scheduler.step()
                 state.step += 1
                 method.on_step_end(state.step / total)
-                stats = collapse_stats(out.z1, out.z2, y if method.needs_labels else None)
+                stats = collapse_stats(out.z1, out.z2, y if method.needs_labels and y.ndim == 1 else None)
                 now = torch.cat([out.loss.detach().float().view(1), stats])
                 sums += now
                 stopping = stop.signum if loop.world == 1 else 0
@@ -344,6 +318,8 @@ def fit(
                     gen = distributed.gather(generator.get_state().to(prec.device).view(1, -1)).cpu()
                     partial = {"sums": distributed.gather(sums.view(1, -1)).cpu(), "generator": gen,
                                "elapsed": time.perf_counter() - start, **where}
+                    if hasattr(batches, "position"):  # a stream of shards: each rank's workers' reading positions
+                        partial["stream"] = distributed.gather(batches.position()[None].to(prec.device)).cpu()
                     _stop(stopping, loop, payload(batch=i + 1, partial=partial), ckpt_dir, state, epoch, i + 1,
                           steps_per_epoch)
             bar.close()

@@ -8,30 +8,12 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .augment import normalize
-from .data import iterate_batches, num_batches
 from .errors import UserError
-from .progress import bar
+from .features import extract_features
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def extract_features(encoder: nn.Module, data, mean, std, device: torch.device, batch_size: int = 512,
-                     desc: str = "features", show: bool = True) -> tuple[Tensor, Tensor]:
-    """Encoder features (before any projector) of every image, in order; float32 on the CPU."""
-    was_training = encoder.training
-    encoder.eval()
-    feats, labels = [], []
-    batches = iterate_batches(data, batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
-    for x, y in bar(batches, num_batches(data, batch_size, drop_last=False), desc, show=show):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats.append(encoder(normalize(x.to(device, non_blocking=True), mean, std)).float())
-        labels.append(y)
-    encoder.train(was_training)
-    return torch.cat(feats).cpu(), torch.cat(labels)
 
 
 @torch.no_grad()
@@ -185,7 +167,7 @@ def run_evaluation(cfg, out_dir, overrides: list[str] | None = None) -> dict:
     from . import checkpoint, files
     from .api import check_features, encoder_from_checkpoint
     from .config import build, move_data, run_settings, validate_eval
-    from .data import has_class_folders
+    from .data.folder import has_class_folders
     from .parts import resolve_device, unlabeled_message
     from .zeroshot import image_text_eval, is_image_text
 

@@ -15,12 +15,12 @@ from torch import nn
 
 from . import checkpoint, files
 from .api import encoder_from_checkpoint
+from .config import FORMATS
 from .errors import UserError, check
 from .zeroshot import image_text_towers
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"state_dict": ".pt", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 TOLERANCE = {"state_dict": 1e-5, "torchscript": 1e-5, "onnx": 1e-4}
 
 

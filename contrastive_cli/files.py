@@ -95,3 +95,14 @@ def run_lock(folder: str | Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # before unlocking: a waiter then finds its inode gone and retries
         os.close(fd)
+
+
+def read_text(path: str, key: str) -> str:
+    """A UTF-8 text file named by setting `key`; a missing file or other bytes is one line naming both."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{key}={path}: no such file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{key}={path}: not valid UTF-8 (byte {e.start})") from None

@@ -34,6 +34,11 @@ def unlabeled_message(ds, what: str) -> str:
     """One line for a dataset without labels: what cannot be done, and cl-embed instead."""
     if ds.name == "pairs":
         return f"dataset pairs ({ds.source.path}) has captions but no class labels: {what}; cl-eval scores retrieval on the held-out pairs"
+    if ds.name == "shards":
+        return (f"dataset shards ({ds.source.path}) has no .cls labels (or no held-out test-*.tar): {what}; pack a "
+                f"folder with class sub-folders, give dataset.source.test_path=<labelled shards>, or score on a "
+                f"labelled dataset (cl-eval checkpoint=... dataset=fashion_mnist); for embeddings and nearest "
+                f"neighbours use cl-embed checkpoint=<run>/checkpoints/last.pt input={ds.source.path}")
     root = ds.source.get("root", "<folder>")
     return (f"dataset {ds.name} at {root} has no labels (a flat folder or a single class): {what}; k-NN and the "
             f"linear probe need class sub-folders (root/<class>/<image>); for embeddings and nearest neighbours "

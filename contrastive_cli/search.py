@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, files
+from .embed import SHARED, row_picture
 from .errors import UserError, check, positive
 from .parts import resolve_device
 from .progress import bar
 
 log = logging.getLogger(__name__)
-SHARED = "image_text_embeddings.npy"  # what cl-embed writes beside embeddings.npy for an image-text checkpoint
 
 
 def validate_search_job(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -114,7 +114,6 @@ def _search_png(path: Path, queries, hits, rows, meta: dict, data_dir: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .embed import row_picture
 
     k = len(hits[0])
     cols = min(k, 8)

@@ -6,6 +6,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -28,10 +29,11 @@ from .config import (
     typed,
     validate_train,
 )
-from .data import num_batches
+from .data.batches import num_batches
 from .engine import CollapseMonitor, Loop, Precision, TrainState, fit
 from .errors import Interrupted, UserError, check
-from .evaluate import extract_features, knn_top1, loss_png
+from .evaluate import knn_top1, loss_png
+from .features import extract_features
 from .methods.base import Method, RunShape
 from .momentum import SplitBatchNorm2d
 from .optim import build_optimizer, lr_factors, restarted, warmup_cosine
@@ -48,11 +50,13 @@ def runtime_check(cfg: DictConfig) -> None:
     """What a job of a sweep can be checked for before any job trains: the device, the data
     (loaded once per dataset setting) and the batch size against it."""
     t = typed("trainer", cfg.trainer, TrainerCfg)
-    resolve_device(t.device)
+    device = resolve_device(t.device)
     key = OmegaConf.to_yaml(cfg.dataset, resolve=True)
     if key not in _checked_data:
         _checked_data[key] = build(cfg.dataset.source, "dataset")
-    check_data(cfg, t, _checked_data[key], t.devices, stand_in_method(cfg))
+    splits = _checked_data[key]
+    check_data(cfg, t, splits, t.devices, stand_in_method(cfg),
+               workers=stream_workers(t.workers, splits.train, device, t.devices))
 
 
 def cpu_has_native_bf16() -> bool:
@@ -120,7 +124,8 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
     for line in method.use_data(train, cfg.dataset):
         if rank == 0:
             log.info(line)
-    steps = check_data(cfg, t, splits, world, method, warn=rank == 0)
+    workers = stream_workers(t.workers, train, device, world, say=rank == 0)
+    steps = check_data(cfg, t, splits, world, method, warn=rank == 0, workers=workers)
     # derived from the config and the data alone: a resumed run derives the same
     for line in [*getattr(augment, "notes", []), *method.adapt(RunShape(len(train), t.batch_size * world))]:
         if rank == 0:
@@ -180,7 +185,7 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
         logger = build(cfg.logger, "logger", _recursive_=False, run_dir=run_dir,  # the config is data here
                        run_config=OmegaConf.to_container(cfg, resolve=True))
     wall = time.perf_counter()
-    loop = Loop(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, workers=t.workers, log_every=t.log_every,
+    loop = Loop(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, workers=workers, log_every=t.log_every,
                 checkpoint_every=t.checkpoint_every, rank=rank, world=world, progress=progress,
                 progress_every=t.progress_every, monitor=score, monitor_every=t.knn_every or 1, monitor_name=monitor_name,
                 on_log=logger.log if logger is not None else None, probe=feature_probe(method, train, cfg, device),
@@ -247,7 +252,7 @@ def feature_probe(method: Method, train, cfg: DictConfig, device: torch.device) 
     reads, with the batch-norm running statistics) on the first 32 training images are finite."""
     from .augment import normalize
 
-    x = torch.stack([train[i][0] for i in range(min(32, len(train)))])
+    x = train.head(32) if hasattr(train, "head") else torch.stack([train[i][0] for i in range(min(32, len(train)))])
     encoder = type(method).eval_encoder(method.encoder, cfg.method)  # wraps, shares the weights
 
     @torch.no_grad()
@@ -301,19 +306,43 @@ def _choices() -> dict:
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra") and v is not None}
 
 
-def check_data(cfg: DictConfig, t: TrainerCfg, splits, world: int, method: Method, warn: bool = False) -> int:
+def stream_workers(workers: int, train, device: torch.device, world: int, say: bool = False) -> int:
+    """The DataLoader workers a streamed source (shards) is read with. On the CPU they take cores from
+    the training's own threads: where those threads already fill every core, the training process
+    reads the shards itself, between steps (Fashion-MNIST PNG shards, SimCLR, 2-core Xeon: 0.905 of the
+    in-memory epoch's images/s with no worker, 0.86 with 2; docs/benchmarks.md). Fewer threads
+    (OMP_NUM_THREADS) leave the workers the other cores."""
+    cores = os.cpu_count() or 1
+    if not hasattr(train, "stream") or device.type != "cpu" or not workers:
+        return workers
+    if torch.get_num_threads() * world < cores:
+        return workers
+    if say:
+        log.info("shards on the CPU: read by the training process itself, between steps (trainer.workers=%d would "
+                 "share the %d cores with its %d thread(s)); a CUDA run reads them in its workers", workers, cores,
+                 torch.get_num_threads())
+    return 0
+
+
+def check_data(cfg: DictConfig, t: TrainerCfg, splits, world: int, method: Method, warn: bool = False,
+               workers: int | None = None) -> int:
     """What can be checked on the loaded data before training: channels, labels where the method
-    needs them, at least one batch per epoch. Returns the steps per epoch."""
+    needs them, at least one batch per epoch, enough shards for every worker. Returns the steps per epoch."""
     train = splits.train
     if hasattr(train, "images"):  # held in memory
         check(train.images.shape[1] == cfg.dataset.channels,
               f"dataset.channels={cfg.dataset.channels}: the images have {train.images.shape[1]}")
+    if hasattr(train, "check_slots"):  # streamed shards: every worker of every rank reads its own
+        train.check_slots(world, t.workers if workers is None else workers)
     if method.needs_labels:  # checked up front: failing inside a DDP step would hang the other ranks
-        labels = train.labels if isinstance(train.labels, torch.Tensor) else torch.tensor(train.labels)
+        labeled = getattr(train, "all_labeled", None)  # a stream says; in-memory labels are looked at
+        if labeled is None:
+            labels = train.labels if isinstance(train.labels, torch.Tensor) else torch.tensor(train.labels)
+            labeled = bool((labels >= 0).all())
         who, fix = (("method.supervised=true", " or supervised=false") if "supervised" in cfg.method
                     else (f"method {cfg.method._target_.rsplit('.', 1)[-1]}", ""))
-        check(bool((labels >= 0).all()), f"{who} needs labels, but dataset {cfg.dataset.name}'s training split has "
-                                         f"unlabeled images; use a labeled split{fix}")
+        check(labeled, f"{who} needs labels, but dataset {cfg.dataset.name}'s training split has "
+                       f"unlabeled images; use a labeled split{fix}")
     steps = num_batches(train, t.batch_size, world=world)
     check(steps > 0, f"trainer.batch_size={t.batch_size}: x {world} process(es) is larger than the training set "
                      f"({len(train)} images); use trainer.batch_size<={largest_batch(len(train) // world, method)}")
@@ -402,7 +431,6 @@ def _restore(ckpt: dict, method, optimizer, scheduler, scaler, t: TrainerCfg) ->
                       best=ckpt.get("best"), start_norm=ckpt.get("start_norm"))
 
 
-if __name__ == "__main__":  # torchrun --nproc_per_node=N -m contrastive_cli.train [overrides]
-    from .cli import train as _main
-
-    _main()
+if __name__ == "__main__":  # the launch module is the command line's, not this library's
+    sys.exit("python -m contrastive_cli.train: the module to launch is now contrastive_cli.cli "
+             "(torchrun --nproc_per_node=N -m contrastive_cli.cli [overrides]); cl-torchrun reads the old name too")

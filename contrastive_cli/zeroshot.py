@@ -113,8 +113,8 @@ def image_text_eval(ckpt: dict, source, splits, ds, e, device: torch.device) -> 
     """cl-eval's image-text numbers: zero-shot on a labelled test split (class names: the dataset's, or
     eval.classnames; prompts: the held-out list, or eval.templates), retrieval on held-out pairs."""
     from .captions import EVAL_TEMPLATES, read_lines, read_templates
-    from .data import TensorImages
-    from .evaluate import extract_features
+    from .data.images import TensorImages
+    from .features import extract_features
 
     method = image_text_from_checkpoint(ckpt, source).to(device)
     out: dict = {}
@@ -144,7 +144,7 @@ def zeroshot_monitor(method: nn.Module, test, ds, device: torch.device, bars: bo
     """The online monitor of an image-text run (trainer.knn_every): zero-shot top-1 on the labelled test
     split with the held-out prompts, as cl-eval computes it; best.pt is kept by it."""
     from .captions import EVAL_TEMPLATES
-    from .evaluate import extract_features
+    from .features import extract_features
 
     def score() -> float:
         was = method.training

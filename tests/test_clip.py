@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import error_lines, run_cli
 from test_distributed import Flat, run_two_ranks
 
-from contrastive_cli.captions import load_pairs
+from contrastive_cli.data.pairs import load_pairs
 from contrastive_cli.distributed import cleanup
 from contrastive_cli.errors import UserError
 from contrastive_cli.losses import clip_loss, siglip_loss

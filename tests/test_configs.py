@@ -24,7 +24,7 @@ def test_groups_have_the_documented_options():
                                  "simsiam", "supcon", "swav", "triplet", "vicreg"]
     assert options("encoder") == ["resnet18", "resnet50", "small_cnn", "timm", "vit_tiny"]
     assert options("dataset") == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "mnist", "pairs",
-                                  "stl10"]
+                                  "shards", "stl10"]
     assert options("text_encoder") == ["transformer"]
     assert options("augmentation") == ["byol", "grey", "multicrop", "simclr"]
     assert options("optimizer") == ["adamw", "lars", "lars_vicreg", "lars_wide", "sgd"]
@@ -35,7 +35,8 @@ def test_groups_have_the_documented_options():
 @pytest.mark.parametrize("dataset", options("dataset"))
 @pytest.mark.parametrize("encoder", options("encoder"))
 def test_encoder_dataset_pairs_build_and_run(dataset, encoder):
-    extra = {"imagefolder": ["dataset.source.root=/tmp/x"], "pairs": ["dataset.source.path=/tmp/x.tsv"]}.get(dataset, [])
+    extra = {"imagefolder": ["dataset.source.root=/tmp/x"], "pairs": ["dataset.source.path=/tmp/x.tsv"],
+             "shards": ["dataset.source.path=/tmp/x"]}.get(dataset, [])
     cfg = compose_cfg("train", [f"dataset={dataset}", f"encoder={encoder}", *extra])
     validate_train(cfg)
     enc = build(cfg.encoder, "encoder")

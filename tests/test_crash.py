@@ -45,7 +45,7 @@ if mode == "kill_in_save":
         return real_save(obj, f, *args, **kwargs)
     torch.save = save
 elif mode.startswith("load_"):  # a signal while the data loads, before the training loop
-    from contrastive_cli import data
+    from contrastive_cli.data import named as data
     real_load = data.load_digits
     def load(*args, **kwargs):
         os.kill(os.getpid(), getattr(signal, mode[5:]))
@@ -185,7 +185,8 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_and_resume_equals_the_str
 
 
 def test_sigterm_to_cl_torchrun_by_hand_is_one_line_not_torchruns_traceback(tmp_path):
-    """The README's by-hand launch (torchrun's options, then -m contrastive_cli.train) under cl-torchrun:
+    """The by-hand launch (torchrun's options, then -m and the module) under cl-torchrun, with the older module
+    name (contrastive_cli.train), which cl-torchrun reads as contrastive_cli.cli:
     plain torchrun's agent answers a SIGTERM with a SignalException traceback."""
     run = tmp_path / "R"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -132,3 +132,28 @@ def test_training_and_cl_eval_run_on_cuda_in_bf16(tmp_path, fast_train):
     result = run_evaluation(compose_cfg("eval", [f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}",
                                                  "eval.tsne_samples=0", "eval.device=cuda"]), tmp_path / "eval")
     assert 0.3 < result["knn_top1"] <= 1.0
+
+
+def test_gpu_decode_of_jpeg_shards_serves_what_the_workers_pillow_decode_serves(tmp_path):
+    """dataset.decode=gpu: the workers pass the JPEG bytes, nvJPEG decodes the batch on the device."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    wds = pytest.importorskip("webdataset")
+    from contrastive_cli.data.shards import load_shards
+
+    with wds.TarWriter(str(tmp_path / "a.tar")) as sink:
+        for i in range(8):
+            buf = io.BytesIO()
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(buf, "JPEG")
+            sink.write({"__key__": f"k{i}", "jpg": buf.getvalue(), "cls": str(i)})
+    (tmp_path / "sizes.json").write_text('{"a.tar": 8}')
+    cpu = load_shards(str(tmp_path), image_size=24, decode="cpu").train
+    gpu = load_shards(str(tmp_path), image_size=24, decode="gpu").train
+    assert load_shards(str(tmp_path), image_size=24).train.decode == "gpu"  # auto on CUDA, JPEG shards
+    (xc, yc), = cpu.stream(8, 0, 0, shuffle=False, drop_last=False)
+    (xg, yg), = gpu.stream(8, 0, 0, shuffle=False, drop_last=False)
+    assert xg.is_cuda and xg.dtype == torch.uint8 and torch.equal(yc, yg)
+    assert (xg.cpu().int() - xc.int()).abs().float().mean() < 3.0  # nvJPEG's IDCT rounds differently

@@ -319,7 +319,7 @@ def write_imagefolder(root: Path) -> None:
 
 def test_imagefolder_split_items_and_batches(tmp_path):
     write_imagefolder(tmp_path)
-    s = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0)  # lazy
+    s = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0, cache_dir=None)  # lazy
     assert isinstance(s.train, FolderImages) and isinstance(s.test, FolderImages)
     assert len(s.train) == 6 and len(s.test) == 6
     assert s.train.classes == ["cat", "dog", "fox"]
@@ -352,10 +352,10 @@ def test_imagefolder_split_items_and_batches(tmp_path):
 
 def test_imagefolder_split_depends_only_on_seed(tmp_path):
     write_imagefolder(tmp_path)
-    a = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0)
-    b = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0)
+    a = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0, cache_dir=None)
+    b = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0, cache_dir=None)
     assert a.train.paths == b.train.paths and a.test.paths == b.test.paths
-    others = [load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=k, cache_gb=0).test.paths
+    others = [load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=k, cache_gb=0, cache_dir=None).test.paths
               for k in range(1, 6)]
     assert any(p != a.test.paths for p in others)
 
@@ -385,7 +385,7 @@ def test_imagefolder_bad_roots(tmp_path):
 
 def test_imagefolder_is_cached_as_uint8_when_it_fits_with_the_same_pixels(tmp_path):
     write_imagefolder(tmp_path)
-    lazy = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0)
+    lazy = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0, cache_dir=None)
     cached = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0)
     assert isinstance(cached.train, TensorImages) and cached.train.images.shape == (6, 3, 16, 16)
     assert cached.train.classes == ["cat", "dog", "fox"]
@@ -398,7 +398,7 @@ def test_imagefolder_ignores_loose_files_next_to_class_folders(tmp_path, caplog)
     write_imagefolder(tmp_path)
     Image.new("RGB", (8, 8)).save(tmp_path / "cover.png")
     with caplog.at_level("WARNING"):
-        s = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0)
+        s = load_imagefolder(str(tmp_path), image_size=16, test_fraction=0.5, seed=0, cache_gb=0, cache_dir=None)
     assert s.train.classes == ["cat", "dog", "fox"] and len(s.train) + len(s.test) == 12
     assert "ignored 1 image file(s) directly in" in caplog.text and "cover.png" in caplog.text
 

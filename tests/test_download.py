@@ -21,8 +21,8 @@ from conftest import compose_cfg
 from test_data import CIFAR_CLASSES, write_cifar10, write_mnist
 from torchvision.datasets import CIFAR10, MNIST, STL10, FashionMNIST
 
-from contrastive_cli import data
 from contrastive_cli.data import load_cifar, load_mnist, load_stl10
+from contrastive_cli.data import named as data
 from contrastive_cli.errors import UserError
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -83,7 +83,8 @@ def test_imagefolder_trains_through_dataloader_workers_and_evaluates(tmp_path, f
             Image.fromarray(pixels).save(tmp_path / "img" / f"class{c}" / f"{i}.png")
     cfg = compose_cfg("train", [*fast_train, "dataset=imagefolder", f"dataset.source.root={tmp_path / 'img'}",
                                 "dataset.image_size=16", "trainer.batch_size=4", "trainer.workers=2",
-                                "trainer.epochs=1", "dataset.source.cache_gb=0"])  # not cached: decoded in workers
+                                "trainer.epochs=1", "dataset.source.cache_gb=0",
+                                "dataset.source.cache_dir=null"])  # not cached: decoded in workers
     summary = run_training(cfg, tmp_path / "run")
     assert summary["steps"] == 14 // 4  # 18 images, 4 (test_fraction 0.2) held out for evaluation
     ev = compose_cfg("eval", [f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", "eval.tsne_samples=4"])

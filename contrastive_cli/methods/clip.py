@@ -6,13 +6,15 @@ captioned by a template drawn per step ("a photo of a {}.")."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
 import torch
 from torch import Tensor, nn
 
-from ..captions import TRAIN_TEMPLATES, PairImages, read_lines, read_templates
+from ..captions import TRAIN_TEMPLATES, read_lines, read_templates
+from ..data.pairs import PairImages
 from ..distributed import gather_with_grad, rank_and_world
 from ..errors import UserError, check, positive
 from ..losses import clip_loss, siglip_loss
@@ -22,6 +24,10 @@ from .base import Method, StepOutput
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # CLIP and open_clip clamp exp(logit_scale) to at most 100 after each step
+
+
+def _tokens(tokenizer, length: int, texts: list[str]) -> Tensor:
+    return tokenizer.encode(texts, length)[0].int()
 
 
 class ImageText(Method):
@@ -66,17 +72,23 @@ class ImageText(Method):
             tokens, cut = tok.encode(train.captions, length)
             self.captions, self.by_class = tokens.int(), False
             what = f"{len(train.captions)} captions"
+        elif getattr(train, "has_captions", False):  # shards: the workers tokenize each batch's .txt captions
+            train.tokenize = functools.partial(_tokens, tok, length)
+            return [f"captions from the shards' .txt files, tokenized per batch ({tok.name}, context {length}; "
+                    f"longer ones truncated)"]
         else:
             classes = list(getattr(train, "classes", None) or [])
-            labels = torch.as_tensor(train.labels)
-            if dataset_cfg.get("captions", "templates") != "templates" or not classes or bool((labels < 0).any()):
+            labeled = getattr(train, "all_labeled", None)
+            if labeled is None:
+                labeled = not bool((torch.as_tensor(train.labels) < 0).any())
+            if dataset_cfg.get("captions", "templates") != "templates" or not classes or not labeled:
                 raise UserError(f"method={self.method_name} needs captions: dataset {name} has none (its images are not "
                                 f"all labelled with class names to caption); use dataset=pairs dataset.source.path=FILE "
                                 f"(a .csv/.tsv/.jsonl of image paths and captions), or a labelled dataset with "
                                 f"dataset.captions=templates")
             if self.classnames:  # the names to caption with (another language, better words than "0".."9")
+                n_cls = int(torch.as_tensor(train.labels).max()) + 1 if hasattr(train, "labels") else len(classes)
                 classes = read_lines(self.classnames, "method.classnames")
-                n_cls = int(labels.max()) + 1
                 if len(classes) < n_cls:
                     raise UserError(f"method.classnames={self.classnames}: names {len(classes)} classes; dataset {name} "
                                     f"has {n_cls} (one name per line, in class order)")
@@ -106,6 +118,8 @@ class ImageText(Method):
 
     def caption_tokens(self, keys: Tensor) -> Tensor:
         """The (B, L) tokens of a batch's captions, looked up by its labels."""
+        if keys.ndim == 2:  # the batch carries its captions' tokens (shards with .txt)
+            return keys.long()
         if self.captions is None:
             raise RuntimeError("use_data() has not been given the training split")
         if self.captions.device != keys.device:
