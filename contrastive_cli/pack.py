@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from .config import finite_and_present, unknown_top_keys
 from .data.folder import folder_labels, image_files
 from .data.images import stratified_split, warn_unreadable
-from .data.pairs import read_pairs, resolve
+from .data.pairs import held_out_images, read_pairs, resolve
 from .data.samples import IMAGE_KEYS, read_samples, webdataset
 from .data.shards import FORMAT, INDEX
 from .errors import UserError, check, positive
@@ -79,8 +79,7 @@ def split(samples, classes: list[str], fraction: float, seed: int) -> tuple[list
     else:
         files = list(dict.fromkeys(f for f, _, _ in samples))
         check(len(files) >= 2, f"test_fraction={fraction}: needs 2 images (or set test_fraction=0)")
-        held = set(np.random.default_rng(seed).permutation(len(files))[: max(1, round(fraction * len(files)))].tolist())
-        test_files = {files[i] for i in held}
+        test_files = {files[i] for i in np.flatnonzero(held_out_images(len(files), fraction, seed))}
         te = [i for i, (f, _, _) in enumerate(samples) if f in test_files]
         tr = [i for i, (f, _, _) in enumerate(samples) if f not in test_files]
     return [samples[i] for i in tr], [samples[i] for i in te]

@@ -74,6 +74,14 @@ def _rows(path: Path, image_key: str, caption_key: str, key: str) -> list[tuple[
     return [(str(r.get(image_key) or ""), r.get(caption_key)) for r in rows if isinstance(r, dict)]
 
 
+def held_out_images(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of n images a seeded `fraction` (at least one) holds out, as a mask: a pairs file's split
+    by image, so that no image is on both sides (load_pairs and cl-pack)."""
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(seed).permutation(n)[: max(1, round(fraction * n))]] = True
+    return held
+
+
 def read_pairs(path: str, image_key: str = "filepath", caption_key: str = "title",
                key: str = "dataset.source.path") -> list[tuple[str, str]]:
     """The (image path as written, caption) rows of a pairs file, empty captions skipped with a count."""
@@ -124,8 +132,7 @@ def load_pairs(path: str, image_key: str = "filepath", caption_key: str = "title
         if len(index) < 2:
             raise UserError(f"dataset.source.path={path}: a held-out split needs 2 readable images; it has "
                             f"{len(index)} (or set dataset.source.test_fraction=0)")
-        perm = np.random.default_rng(seed).permutation(len(index))
-        held[perm[: max(1, round(test_fraction * len(index)))]] = True
+        held = held_out_images(len(index), test_fraction, seed)
 
     def part(mask: np.ndarray) -> PairImages:
         rows_in = np.flatnonzero(mask[image_of])
