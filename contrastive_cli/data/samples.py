@@ -16,6 +16,7 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _PIL_FORMAT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}  # no sniffing through every format
 READ = (*IMAGE_KEYS, "cls", "txt")  # what training reads of a sample; its .json and others are skipped over
 _ZERO = bytes(512)
+DAMAGED = (tarfile.TarError, OSError, EOFError, ValueError)  # what reading a corrupt or truncated shard raises
 DRAFT = True  # Pillow's JPEG draft mode for images stored larger than they train: docs/benchmarks.md
 try:  # faster than Pillow where installed (docs/benchmarks.md); not a dependency
     import simplejpeg as JPEG
@@ -38,8 +39,7 @@ def read_samples(path: str, wanted: tuple[str, ...] | None = READ):
     name up to the first dot of its file name). A plain tar (ustar, pax or GNU long names: what
     webdataset, tarfile and GNU tar write) is walked header by header, seeking past what is not read:
     15x faster a sample than webdataset's reader, which takes any other (a compressed .tar.gz).
-    A corrupt or truncated tar ends in tarfile.TarError / OSError / EOFError / ValueError after the
-    samples before the damage."""
+    A corrupt or truncated tar raises one of DAMAGED after the samples before the damage."""
     with open(path, "rb", buffering=1 << 20) as f:
         if f.peek(262)[257:262] != b"ustar":  # not a plain tar: the library's reader
             f.close()
@@ -107,7 +107,7 @@ def shard_index(path: str) -> list[tuple[str, int]]:
     try:
         return [(key, int(f["cls"]) if "cls" in f else -1)
                 for key, f in read_samples(path, (*IMAGE_KEYS, "cls")) if any(k in f for k in IMAGE_KEYS)]
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+    except DAMAGED as e:
         raise UserError(f"{path}: not a readable tar shard ({e})") from None
 
 

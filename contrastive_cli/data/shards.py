@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
 from .images import Splits
-from .samples import IMAGE_KEYS, decode_on, parse, read_samples, webdataset
+from .samples import DAMAGED, IMAGE_KEYS, decode_on, parse, read_samples, webdataset
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"  # what cl-pack writes beside its shards
@@ -129,20 +128,9 @@ class ShardImages:
 
     def head(self, n: int) -> torch.Tensor:
         """The first n readable images of the first shards, uint8 (n, C, S, S)."""
-        out = []
-        for shard in self.shards:
-            try:
-                for _, fields in read_samples(shard.path):
-                    got = parse(fields, self.image_size, self.channels, False)
-                    if got is not None:
-                        out.append(got[0])
-                    if len(out) == n:
-                        return torch.stack(out)
-            except (tarfile.TarError, OSError, EOFError, ValueError):
-                continue  # damaged: the stream warns about it when it reads it
-        if not out:
-            raise UserError(f"{self.shards[0].path}: no readable image in these shards")
-        return torch.stack(out)
+        for x, _ in self.stream(n, seed=0, epoch=0, shuffle=False, drop_last=False):  # the evaluation's order
+            return x
+        raise UserError(f"{self.shards[0].path}: no readable image in these shards")
 
     def check_slots(self, world: int, workers: int) -> None:
         slots = world * max(1, workers)
@@ -263,7 +251,7 @@ class _Workers(IterableDataset):
                 got = parse(fields, self.size, self.channels, self.encoded)
                 bad += got is None
                 yield read, got
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        except DAMAGED as e:
             log.warning("skipped the rest of shard %s: corrupt or truncated (%s)", shard.path,
                         str(e).split(" @ ")[0][:120])
         if bad and only is None:
@@ -334,7 +322,7 @@ def _peek(path: str) -> dict:
     try:
         for _, fields in read_samples(path, None):
             return fields
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+    except DAMAGED as e:
         raise UserError(f"{path}: not a readable tar shard ({str(e).split(' @ ')[0][:120]})") from None
     raise UserError(f"{path}: an empty shard (no samples)")
 
