@@ -426,11 +426,13 @@ def _read_summary(run_dir: Path) -> dict | None:
 
 def _job_result(summary: dict | None):
     """What the job returns to Hydra's sweeper: the summary; for a search sweeper (Optuna), the
-    number it maximizes: the best online k-NN, else the final k-NN. None marks a failed trial (NaN
+    number it maximizes: the best online score, else the final one. None marks a failed trial (NaN
     would end the whole search)."""
     if "optuna" not in str(HydraConfig.get().sweeper.get("_target_", "")).lower():
         return summary
-    score = (summary or {}).get("knn_best", (summary or {}).get("knn_top1"))
+    # the run's own monitor: k-NN; for CLIP/SigLIP zero-shot top-1, or retrieval recall@1 on pairs
+    keys = ("zeroshot_top1_best", "retrieval_r1_best", "knn_best", "zeroshot_top1", "knn_top1")
+    score = next((summary[k] for k in keys if k in (summary or {})), None)
     return None if score is None else float(score)
 
 

@@ -142,7 +142,8 @@ def loss_png(history: list[dict], trace: list[dict], path, title: str = "", moni
         best = max(scored, key=lambda r: float(r[monitor]))
         ax_knn.set_title(f"best {float(best[monitor]):.4f} at epoch {best['epoch']}", fontsize=9)
     else:
-        ax_knn.text(0.5, 0.5, "no online k-NN\n(trainer.knn_every=N turns it on)", ha="center", va="center",
+        ax_knn.text(0.5, 0.5, f"no online {'k-NN' if monitor == 'knn_top1' else monitor}\n(trainer.knn_every=N turns "
+                    "it on)", ha="center", va="center",
                     transform=ax_knn.transAxes, color="gray")
     ax_knn.set_ylabel("online k-NN top-1 (k=200)" if monitor == "knn_top1" else f"online {monitor}")
     for ax in (ax_col, ax_knn):

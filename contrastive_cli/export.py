@@ -180,6 +180,7 @@ def _export_text(fmt: str, towers, ckpt, source, cfg, tmp: Path, final: Path) ->
     diff = _write_checked(fmt, text, example, check_x, expected, lambda: image_text_towers(ckpt, source, cfg)[1],
                           tmp, name="tokens")
     return {"file": str(final), "tokenizer": tok.name, "context_length": length, "vocab_size": tok.vocab_size,
-            "sot": tok.sot, "eot": tok.eot, "pad": tok.pad, "max_abs_diff": diff,
+            "sot": tok.sot, "eot": tok.eot, "pad": tok.pad, "lowercase": tok.lowercase, "max_abs_diff": diff,
             "input": f"int64 (N, {length}) token ids: [sot, the caption's ids, eot, then pad to {length}] "
-                     f"({'UTF-8 bytes + 3' if tok.name == 'bytes' else 'open_clip SimpleTokenizer ids'})"}
+                     f"({'UTF-8 bytes + 3' if tok.name == 'bytes' else 'open_clip SimpleTokenizer ids'}"
+                     f"{' of the lowercased caption' if tok.lowercase else ''})"}

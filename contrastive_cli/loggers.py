@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 WANDB_RUN = "wandb_run.json"  # in a run folder trained with logger=wandb: how to reach its W&B run again
 
 # Where each known scalar goes in the tracker's tree; unknown names land under train/.
-SECTIONS = {"loss": "train", "lr": "train", "emb_std": "monitor", "neg_cos": "monitor", "knn_top1": "monitor"}
+SECTIONS = {"loss": "train", "lr": "train", "emb_std": "monitor", "neg_cos": "monitor", "knn_top1": "monitor",
+            "zeroshot_top1": "monitor", "retrieval_r1": "monitor"}
 
 
 def tag(name: str) -> str:
@@ -48,7 +49,8 @@ def require(package: str) -> Any:
 
 def final_metrics(summary: dict) -> dict[str, float]:
     """The run's end numbers that a tracker shows beside its settings."""
-    keys = ("knn_top1", "knn5_top1", "knn_best", "final_loss")
+    keys = ("knn_top1", "knn5_top1", "knn_best", "final_loss", "zeroshot_top1", "zeroshot_top1_best",
+            "retrieval_r1_best", "i2t_r1", "t2i_r1")
     return {f"final/{k}": float(summary[k]) for k in keys if isinstance(summary.get(k), (int, float))}
 
 

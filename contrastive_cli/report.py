@@ -20,6 +20,10 @@ PROG = "cl-report"
 RUN_MARKERS = (".hydra/overrides.yaml", "metrics.csv", "summary.json")
 EVAL_KEYS = ("knn_top1", "knn5_top1", "linear_top1")
 FIXED = ("epochs", "final_loss", "knn_best", "knn_best_epoch", "knn_last", "train_time_s", "wall_time_s")
+# CLIP / SigLIP runs: their monitor (zero-shot on labelled data, retrieval recall@1 on pairs) and cl-eval's
+IMAGE_TEXT = ("zeroshot_best", "zeroshot_last", "retrieval_r1_best")
+IMAGE_TEXT_EVAL = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")
+MONITORS = {"knn": "knn_top1", "zeroshot": "zeroshot_top1", "retrieval": "retrieval_r1"}  # metrics.csv columns
 
 
 def _num(text) -> float | None:
@@ -57,7 +61,7 @@ def _metrics(text: str, notes: list[str]) -> list[dict]:
     for r in csv.DictReader(text.splitlines()):
         try:
             rows.append({"epoch": int(r["epoch"]), "loss": float(r["loss"]), "time": _num(r.get("time")),
-                         "knn": _num(r.get("knn_top1"))})
+                         **{k: _num(r.get(col)) for k, col in MONITORS.items()}})
         except (KeyError, TypeError, ValueError):
             # the trainer rewrites the file every epoch: a reader can catch a half-written last row
             notes.append("metrics.csv: skipped a damaged row")
@@ -113,6 +117,8 @@ def load_job(run: Path, label: str) -> dict:
     s, last = summary or {}, history[-1] if history else {}
     online = [(r["knn"], r["epoch"]) for r in history if r["knn"] is not None]
     best, best_epoch = max(online, default=(None, None))
+    zeroshot = [r["zeroshot"] for r in history if r["zeroshot"] is not None]
+    retrieval = [r["retrieval"] for r in history if r["retrieval"] is not None]
     return {"job": label, "status": status, "epochs": _first(s.get("epochs"), last.get("epoch"), 0),
             "final_loss": _first(_num(s.get("final_loss")), last.get("loss")),
             "knn_best": _first(_num(s.get("knn_best")), best),
@@ -121,6 +127,9 @@ def load_job(run: Path, label: str) -> dict:
             "knn_last": _first(_num(s.get("knn_top1")), online[-1][0] if online else None),
             # training alone (metrics.csv), and the job's wall time with the k-NN monitor and the summary
             "train_time_s": last.get("time"), "wall_time_s": _first(_num(s.get("wall_time_s")), last.get("time")),
+            "zeroshot_best": _first(_num(s.get("zeroshot_top1_best")), max(zeroshot, default=None)),
+            "zeroshot_last": _first(_num(s.get("zeroshot_top1")), zeroshot[-1] if zeroshot else None),
+            "retrieval_r1_best": _first(_num(s.get("retrieval_r1_best")), max(retrieval, default=None)),
             "note": "; ".join(dict.fromkeys(notes)), "_run": run,
             "_params": _overrides(run, s, notes), "_history": [(r["epoch"], r["loss"]) for r in history]}
 
@@ -142,7 +151,7 @@ def attach_evals(rows: list[dict], evals: list[tuple[float, Path, dict]]) -> Non
         mine = [e for e in evals if row["_run"] in e[1].parents]
         if mine:
             _, ckpt, e = max(mine, key=lambda e: e[0])
-            row.update({"eval_ckpt": ckpt.stem, **{k: _num(e.get(k)) for k in EVAL_KEYS}})
+            row.update({"eval_ckpt": ckpt.stem, **{k: _num(e.get(k)) for k in (*EVAL_KEYS, *IMAGE_TEXT_EVAL)}})
 
 
 def build_report(dirs: list[Path], eval_dirs: list[Path]) -> tuple[list[dict], list[str], list[str]]:
@@ -166,11 +175,33 @@ def build_report(dirs: list[Path], eval_dirs: list[Path]) -> tuple[list[dict], l
     swept = keys if len(rows) == 1 else [k for k in keys if len({r["_params"].get(k) for r in rows}) > 1]
     for r in rows:
         r.update({k: r["_params"].get(k, "") for k in swept})
-        r["_metric"] = _first(r["knn_best"], r.get("knn_top1"), r["knn_last"])
+    metric, _ = report_metric(rows)
+    for r in rows:
+        r["_metric"] = metric(r)
     rows.sort(key=lambda r: (r["_metric"] is None, -(r["_metric"] or 0.0)))
-    extra = (["eval_ckpt", *EVAL_KEYS] if any("eval_ckpt" in r for r in rows) else []) + \
+    image_text = [k for k in IMAGE_TEXT if any(r[k] is not None for r in rows)]
+    evals = [k for k in (*EVAL_KEYS, *IMAGE_TEXT_EVAL) if any(r.get(k) is not None for r in rows)]
+    extra = (["eval_ckpt", *evals] if any("eval_ckpt" in r for r in rows) else []) + \
         (["note"] if any(r["note"] for r in rows) else [])
-    return rows, ["job", "status", *swept, *FIXED, *extra], swept
+    return rows, ["job", "status", *swept, *FIXED, *image_text, *extra], swept
+
+
+def _image_text_score(r: dict) -> float | None:
+    """A CLIP / SigLIP job's own score: zero-shot top-1 (best online, cl-eval's, last), else recall@1 on
+    held-out pairs (best online, else cl-eval's mean of both directions)."""
+    pair = (r.get("i2t_r1"), r.get("t2i_r1"))
+    return _first(r.get("zeroshot_best"), r.get("zeroshot_top1"), r.get("zeroshot_last"), r.get("retrieval_r1_best"),
+                  (pair[0] + pair[1]) / 2 if None not in pair else None)
+
+
+def report_metric(rows: list[dict]):
+    """(score of a row, its axis label) that ranks and plots the jobs: the k-NN (best available), or for a
+    table whose scored jobs are all image-text ones, their own score (their image tower's k-NN is a column)."""
+    scored = [r for r in rows if _image_text_score(r) is not None or
+              _first(r["knn_best"], r.get("knn_top1"), r["knn_last"]) is not None]
+    if scored and all(_image_text_score(r) is not None for r in scored):
+        return _image_text_score, "zero-shot top-1 / retrieval R@1 (best available)"
+    return (lambda r: _first(r["knn_best"], r.get("knn_top1"), r["knn_last"])), "k-NN top-1 (best available)"
 
 
 def _cell(row: dict, col: str) -> str:
@@ -220,11 +251,12 @@ def _metric_panel(ax, rows: list[dict], param: str, others: list[str]) -> None:
         ax.plot(*zip(*sorted(points), strict=True), marker="o", label=label or None)
     if numeric and min(nums) > 0 and max(nums) / min(nums) >= 100:  # lr, wd sweeps span decades
         ax.set_xscale("log")
+    label = report_metric(rows)[1]
     if not lines:
-        ax.text(0.5, 0.5, "no k-NN yet", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"no {label.split(' (')[0]} yet", ha="center", va="center", transform=ax.transAxes)
     elif others:
         ax.legend(fontsize=7)
-    ax.set(xlabel=param, ylabel="k-NN top-1 (best available)")
+    ax.set(xlabel=param, ylabel=label)
     ax.grid(alpha=0.3)
 
 

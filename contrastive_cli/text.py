@@ -3,6 +3,9 @@ Transformer that maps those rows to one vector per caption."""
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -21,21 +24,34 @@ class _Tokenizer:
     def ids(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    def flat_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(every caption's ids one after another, each caption's count)."""
+        seqs = [self.ids(t) for t in texts]
+        return np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64), np.array([len(q) for q in seqs])
+
     def encode(self, texts: list[str], context_length: int) -> tuple[Tensor, int]:
         """Rows of shape (len(texts), context_length) and how many captions were cut to fit."""
         positive("text_encoder.context_length", context_length, integer=True, minimum=2, strict=False)
         if isinstance(texts, str):  # a bare string would otherwise be read as one caption per character
             texts = [texts]
-        rows = torch.full((len(texts), context_length), self.pad, dtype=torch.long)
-        truncated = 0
-        for i, text in enumerate(texts):
-            row = [self.sot, *self.ids(text), self.eot]
-            if len(row) > context_length:
-                # keep eot as the last token: the text tower reads the caption's summary there
-                row = row[: context_length - 1] + [self.eot]
-                truncated += 1
-            rows[i, : len(row)] = torch.tensor(row)
-        return rows, truncated
+        rows = np.full((len(texts), context_length), self.pad, dtype=np.int64)
+        room, truncated = context_length - 2, 0
+        # the layout in array operations, a block of captions at a time: a pairs file's millions of
+        # captions are laid out in seconds, and the temporaries stay a block's size
+        for first in range(0, len(texts), 1 << 13):
+            flat, lengths = self.flat_ids(texts[first : first + (1 << 13)])
+            block = rows[first : first + len(lengths)]
+            # keep eot as the last token of a cut caption: the text tower reads the caption's summary there
+            keep = np.minimum(lengths, room)
+            truncated += int((lengths > room).sum())
+            starts = np.cumsum(lengths) - lengths
+            at = np.arange(room)[None, :]
+            if len(flat):  # gather every slot (clipped into range), then pad the slots past each caption
+                picked = flat[np.minimum(starts[:, None] + at, len(flat) - 1)]
+                block[:, 1 : context_length - 1] = np.where(at < keep[:, None], picked, self.pad)
+            block[:, 0] = self.sot
+            block[np.arange(len(keep)), keep + 1] = self.eot
+        return torch.from_numpy(rows), truncated
 
     def __call__(self, texts: list[str], context_length: int) -> Tensor:
         return self.encode(texts, context_length)[0]
@@ -50,14 +66,25 @@ class ByteTokenizer(_Tokenizer):
     eot = 2
     vocab_size = 256 + 3
 
+    def __init__(self, lowercase: bool = False):
+        # lowercase: "Dress" and "dress" one caption, as CLIP's BPE (which lowercases) reads them; str.lower
+        # knows every script's cases and leaves scripts without case (Chinese) as they are
+        self.lowercase = lowercase
+
     def ids(self, text: str) -> list[int]:
-        return [b + 3 for b in text.encode("utf-8")]
+        return [b + 3 for b in (text.lower() if self.lowercase else text).encode("utf-8")]
+
+    def flat_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        data = [(t.lower() if self.lowercase else t).encode("utf-8") for t in texts]
+        flat = np.frombuffer(b"".join(data), dtype=np.uint8).astype(np.int64) + 3
+        return flat, np.fromiter(map(len, data), dtype=np.int64, count=len(data))
 
 
 class BPETokenizer(_Tokenizer):
     """CLIP's own byte-pair vocabulary (via open_clip), so ids match OpenAI / open_clip checkpoints."""
 
     name = "clip_bpe"
+    lowercase = True  # the vocabulary is lowercase: open_clip's SimpleTokenizer lowercases every caption
 
     def __init__(self):
         try:
@@ -74,9 +101,9 @@ class BPETokenizer(_Tokenizer):
         return self.bpe.encode(text)
 
 
-def make_tokenizer(name: str) -> ByteTokenizer | BPETokenizer:
+def make_tokenizer(name: str, lowercase: bool = False) -> ByteTokenizer | BPETokenizer:
     if name == "bytes":
-        return ByteTokenizer()
+        return ByteTokenizer(lowercase)
     if name == "clip_bpe":
         return BPETokenizer()
     raise UserError(f"text_encoder.tokenizer={name}: choose from {', '.join(TOKENIZERS)}")
@@ -87,7 +114,7 @@ class TextTransformer(nn.Module):
     hidden state at end-of-text, and a bias-free projection to the shared embedding space."""
 
     def __init__(self, tokenizer: str = "bytes", context_length: int = 64, width: int = 128,
-                 layers: int = 3, heads: int = 4, embed_dim: int = 128):
+                 layers: int = 3, heads: int = 4, embed_dim: int = 128, lowercase: bool = False):
         super().__init__()
         positive("text_encoder.context_length", context_length, integer=True, minimum=3, strict=False)
         positive("text_encoder.width", width, integer=True)
@@ -96,7 +123,9 @@ class TextTransformer(nn.Module):
         positive("text_encoder.embed_dim", embed_dim, integer=True)
         check(width % heads == 0,
               f"text_encoder.width={width}: must be a multiple of text_encoder.heads={heads}")
-        self.tokenizer = make_tokenizer(tokenizer)
+        # lowercase defaults to False here so that a checkpoint written before the setting existed
+        # tokenizes as it was trained; the config group's default is true
+        self.tokenizer = make_tokenizer(tokenizer, bool(lowercase))
         self.context_length = context_length
         self.feature_dim = embed_dim
         self.token_embedding = nn.Embedding(self.tokenizer.vocab_size, width)

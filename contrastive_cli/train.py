@@ -38,7 +38,7 @@ from .methods.base import Method, RunShape
 from .momentum import SplitBatchNorm2d
 from .optim import build_optimizer, lr_factors, restarted, warmup_cosine
 from .parts import build_model, resolve_device, unlabeled_message
-from .zeroshot import zeroshot_monitor
+from .zeroshot import held_out_retrieval, retrieval_monitor, zeroshot_monitor
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +171,16 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
                  steps, global_batch, world, device, prec.dtype or "fp32", run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     progress = t.progress if t.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
-    if not splits.labeled and (t.knn_every or t.knn_monitor) and rank == 0:
+    monitor_name = monitor_key(method, splits)
+    if monitor_name is None and (t.knn_every or t.knn_monitor) and rank == 0:
         (log.warning if t.knn_every else log.info)(unlabeled_message(cfg.dataset, "the k-NN monitor is off"))
-    image_text = hasattr(method, "embed_text")
-    score, monitor_name = None, "zeroshot_top1" if image_text else "knn_top1"
-    if t.knn_every and splits.labeled:
-        score = (zeroshot_monitor(method, splits.test, cfg.dataset, device, progress == "bar") if image_text
-                 else knn_score(method.encoder, splits, cfg.dataset, device, progress == "bar"))
+    score, bars = None, progress == "bar"
+    if t.knn_every and monitor_name == "zeroshot_top1":
+        score = zeroshot_monitor(method, splits.test, cfg, device, bars)
+    elif t.knn_every and monitor_name == "retrieval_r1":
+        score = retrieval_monitor(method, splits.held_out, cfg.dataset, device, bars)
+    elif t.knn_every and monitor_name == "knn_top1":
+        score = knn_score(method.encoder, splits, cfg.dataset, device, bars)
     run = resume.get("run") if resume is not None else None
     run = run or {"overrides": list(overrides or []), "choices": _choices()}
     logger = None
@@ -187,7 +190,8 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
     wall = time.perf_counter()
     loop = Loop(epochs=t.epochs, batch_size=t.batch_size, seed=t.seed, workers=workers, log_every=t.log_every,
                 checkpoint_every=t.checkpoint_every, rank=rank, world=world, progress=progress,
-                progress_every=t.progress_every, monitor=score, monitor_every=t.knn_every or 1, monitor_name=monitor_name,
+                progress_every=t.progress_every, monitor=score, monitor_every=t.knn_every or 1,
+                monitor_name=monitor_name or "knn_top1",
                 on_log=logger.log if logger is not None else None, probe=feature_probe(method, train, cfg, device),
                 precision=str(t.precision) if prec.dtype != torch.float16 else "fp16", lr=lr)
     try:
@@ -396,21 +400,35 @@ def _summarize(cfg, t: TrainerCfg, method: Method, splits, state: TrainState, ru
     if resumed_with is not None:
         summary["resumed_with"] = list(resumed_with)
     if state.best is not None:
-        best = "knn" if state.best["key"] == "knn_top1" else state.best["key"]  # zeroshot_top1 for CLIP/SigLIP
+        best = "knn" if state.best["key"] == "knn_top1" else state.best["key"]  # zeroshot_top1, retrieval_r1
         summary.update({f"{best}_best": round(state.best["value"], 4), f"{best}_best_epoch": state.best["epoch"],
                         "best_checkpoint": str(run_dir / "checkpoints" / "best.pt")})
     title = f"{summary['settings']['method']} on {cfg.dataset.name}"
-    image_text = hasattr(method, "embed_text")
+    key = monitor_key(method, splits)
     if state.history:
-        loss_png(state.history, state.trace, run_dir / "loss.png", title, "zeroshot_top1" if image_text else "knn_top1")
+        loss_png(state.history, state.trace, run_dir / "loss.png", title, key or "knn_top1")
     if (t.knn_monitor or t.knn_every) and splits.labeled:
         summary.update(final_knn(method.encoder, splits, cfg.dataset, device, bars))
-        if image_text:
-            summary["zeroshot_top1"] = zeroshot_monitor(method, splits.test, cfg.dataset, device, bars)()
-            log.info("zero-shot top-1 on the test split (held-out prompts): %.4f", summary["zeroshot_top1"])
+        if key == "zeroshot_top1":
+            summary["zeroshot_top1"] = zeroshot_monitor(method, splits.test, cfg, device, bars)()
+            log.info("zero-shot top-1 on the test split: %.4f", summary["zeroshot_top1"])
+    elif (t.knn_monitor or t.knn_every) and key == "retrieval_r1":
+        summary.update(held_out_retrieval(method, splits.held_out, cfg.dataset, device, bars=bars))
+        log.info("retrieval on the held-out pairs: recall@1 image->text %.4f, text->image %.4f",
+                 summary["i2t_r1"], summary["t2i_r1"])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("checkpoint: %s", summary["checkpoint"])
     return summary
+
+
+def monitor_key(method, splits) -> str | None:
+    """What a run is monitored and its best.pt kept by: the k-NN on labelled data; for CLIP/SigLIP, zero-shot
+    top-1 on labelled data, else recall@1 on a pairs file's held-out pairs; None: nothing to score on."""
+    if hasattr(method, "embed_text"):
+        if splits.labeled:
+            return "zeroshot_top1"
+        return "retrieval_r1" if getattr(splits, "held_out", None) is not None else None
+    return "knn_top1" if splits.labeled else None
 
 
 def _restore(ckpt: dict, method, optimizer, scheduler, scaler, t: TrainerCfg) -> TrainState:

@@ -4,11 +4,16 @@ pairs. Metrics are pure functions on embeddings; `image_text_from_checkpoint` re
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class ImageTower(nn.Module):
@@ -109,51 +114,112 @@ def is_image_text(cfg) -> bool:
     return issubclass(get_class(cfg.method._target_), ImageText)
 
 
+def run_prompts(method_cfg, classes: list[str], same_data: bool = True) -> tuple[list[str], list[str], str, str]:
+    """(class names, prompt templates, where each comes from) for a run's own zero-shot score: the online
+    monitor's and, unless eval.classnames / eval.templates say otherwise, cl-eval's. Names: the
+    method.classnames the run captioned with (on the data it trained on), else the dataset's. Prompts:
+    method.eval_templates; else the held-out English list when the run trained on the built-in templates,
+    else its own method.templates (a run in another language is then prompted in that language)."""
+    from .captions import EVAL_TEMPLATES, TRAIN_TEMPLATES, read_lines, read_templates
+
+    def given(key: str) -> bool:
+        path = method_cfg.get(key)
+        if path and not os.path.isfile(os.path.expanduser(str(path))):  # a checkpoint read elsewhere, later
+            log.warning("method.%s=%s (the run's) is no longer there: zero-shot prompts without it", key, path)
+            return False
+        return bool(path)
+
+    names, names_from = classes, "the dataset's class names"
+    if same_data and given("classnames"):
+        names = read_lines(method_cfg.classnames, "method.classnames")
+        names_from = f"method.classnames={method_cfg.classnames}"
+    if given("eval_templates"):
+        templates = read_templates(method_cfg.eval_templates, EVAL_TEMPLATES, "method.eval_templates")
+        return names, templates, names_from, f"method.eval_templates={method_cfg.eval_templates}"
+    if given("templates"):
+        templates = read_templates(method_cfg.templates, TRAIN_TEMPLATES, "method.templates")
+        return names, templates, names_from, ("the training templates (method.templates; method.eval_templates="
+                                              "FILE for held-out ones)")
+    return names, list(EVAL_TEMPLATES), names_from, "the held-out templates"
+
+
 def image_text_eval(ckpt: dict, source, splits, ds, e, device: torch.device) -> dict:
-    """cl-eval's image-text numbers: zero-shot on a labelled test split (class names: the dataset's, or
-    eval.classnames; prompts: the held-out list, or eval.templates), retrieval on held-out pairs."""
-    from .captions import EVAL_TEMPLATES, read_lines, read_templates
-    from .data.images import TensorImages
+    """cl-eval's image-text numbers: zero-shot on a labelled test split (class names and prompts: eval.classnames
+    / eval.templates, else the run's own, `run_prompts`), retrieval on held-out pairs."""
+    from omegaconf import OmegaConf
+
+    from .captions import read_lines, read_templates
     from .features import extract_features
 
     method = image_text_from_checkpoint(ckpt, source).to(device)
     out: dict = {}
     if splits.test is not None:
-        classes = read_lines(e.classnames, "eval.classnames") if e.classnames else list(splits.test.classes)
+        trained = OmegaConf.create(ckpt["config"])
+        classes, templates, names_from, templates_from = run_prompts(
+            trained.method, list(splits.test.classes), trained.dataset.name == ds.name)
+        if e.classnames:
+            classes, names_from = read_lines(e.classnames, "eval.classnames"), f"eval.classnames={e.classnames}"
+        if e.templates:
+            templates, templates_from = read_templates(e.templates, (), "eval.templates"), f"eval.templates={e.templates}"
         n_cls = int(splits.test.labels.max()) + 1 if len(splits.test) else 0
         if len(classes) < n_cls:
-            raise UserError(f"eval.classnames={e.classnames}: names {len(classes)} classes; dataset {ds.name} has "
-                            f"{n_cls} (one name per line, in class order)")
-        templates = read_templates(e.templates, EVAL_TEMPLATES, "eval.templates")
+            raise UserError(f"{names_from}: names {len(classes)} classes; dataset {ds.name} has {n_cls} (one name per "
+                            f"line, in class order; eval.classnames=FILE to give them)")
+        log.info("zero-shot prompts: %s; %s", names_from, templates_from)
         img, y = extract_features(ImageTower(method), splits.test, ds.mean, ds.std, device, e.batch_size,
                                   "zero-shot images")
         out.update(zeroshot_scores(img, class_embeddings(method, classes, templates, device), y))
         out["zeroshot_templates"] = len(templates)
     held = getattr(splits, "held_out", None)
     if held is not None:
-        each_image = TensorImages(held.images, torch.arange(len(held.images)), [])  # ranked once, not per caption
-        img, _ = extract_features(ImageTower(method), each_image, ds.mean, ds.std, device, e.batch_size,
-                                  "retrieval images")
-        out.update(retrieval_scores(img, embed_texts(method, held.captions, device), held.image_of))
-        out.update(n_retrieval_images=len(held.images), n_retrieval_captions=len(held.captions))
+        out.update(held_out_retrieval(method, held, ds, device, e.batch_size))
+        out.update(n_retrieval_images=held.n_images, n_retrieval_captions=len(held.captions))
     return out
 
 
-
-def zeroshot_monitor(method: nn.Module, test, ds, device: torch.device, bars: bool = True):
-    """The online monitor of an image-text run (trainer.knn_every): zero-shot top-1 on the labelled test
-    split with the held-out prompts, as cl-eval computes it; best.pt is kept by it."""
-    from .captions import EVAL_TEMPLATES
+def held_out_retrieval(method: nn.Module, held, ds, device: torch.device, batch_size: int = 512,
+                       bars: bool = True) -> dict:
+    """Recall@1/5/10 both ways on a pairs file's held-out split (each image embedded once)."""
     from .features import extract_features
 
-    def score() -> float:
-        was = method.training
-        method.eval()
-        try:
-            img, y = extract_features(ImageTower(method), test, ds.mean, ds.std, device, desc="zero-shot", show=bars)
-            classes = class_embeddings(method, list(test.classes), list(EVAL_TEMPLATES), device)
-        finally:
-            method.train(was)
-        return zeroshot_scores(img, classes, y)["zeroshot_top1"]
+    img, _ = extract_features(ImageTower(method), held.distinct(), ds.mean, ds.std, device, batch_size,
+                              "retrieval images", show=bars)
+    return retrieval_scores(img, embed_texts(method, held.captions, device), held.image_of)
 
-    return score
+
+def _scored(method: nn.Module, score):
+    """score() with the method in eval mode, then back in the mode it was in."""
+    was = method.training
+    method.eval()
+    try:
+        return score()
+    finally:
+        method.train(was)
+
+
+def zeroshot_monitor(method: nn.Module, test, cfg, device: torch.device, bars: bool = True):
+    """The online monitor of an image-text run on labelled data (trainer.knn_every): zero-shot top-1 on the
+    test split with the run's own prompts (`run_prompts`), as cl-eval computes it; best.pt is kept by it.
+    The prompt files are read here, so a bad one stops the run before its first epoch."""
+    from .features import extract_features
+
+    classes, templates, names_from, templates_from = run_prompts(cfg.method, list(test.classes))
+    log.info("zero-shot monitor: %s; %d prompts: %s", names_from, len(templates), templates_from)
+    ds = cfg.dataset
+
+    def score() -> float:
+        img, y = extract_features(ImageTower(method), test, ds.mean, ds.std, device, desc="zero-shot", show=bars)
+        return zeroshot_scores(img, class_embeddings(method, classes, templates, device), y)["zeroshot_top1"]
+
+    return lambda: _scored(method, score)
+
+
+def retrieval_monitor(method: nn.Module, held, ds, device: torch.device, bars: bool = True):
+    """The online monitor of an image-text run on a pairs file (trainer.knn_every): the mean of image->text
+    and text->image recall@1 on the held-out pairs (`retrieval_r1`); best.pt is kept by it."""
+
+    def score() -> float:
+        r = held_out_retrieval(method, held, ds, device, bars=bars)
+        return round((r["i2t_r1"] + r["t2i_r1"]) / 2, 4)
+
+    return lambda: _scored(method, score)

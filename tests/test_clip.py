@@ -4,6 +4,7 @@ reader, the zero-shot and retrieval metrics on a case whose answers are known, a
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -179,17 +180,51 @@ def test_pairs_reader_several_captions_unreadable_files_and_the_split_by_image(t
     assert "broken.png" in caplog.text and "1 unreadable" in caplog.text
     assert "1 row(s)" in caplog.text and "empty caption" in caplog.text
     train, held = splits.train, splits.held_out
-    assert len(train.images) == 15 and len(held.images) == 5  # images split, 20 readable
+    assert train.n_images == 15 and held.n_images == 5 and len(train.images) == 20  # images split, 20 readable
     assert len(train) == 30 and len(held) == 10  # each image with both its captions
     # no image on both sides: compare the decoded pixels
-    tr = {bytes(x.numpy()) for x in train.images}
-    assert not tr & {bytes(x.numpy()) for x in held.images}
+    tr = {bytes(x.numpy()) for x, _ in train.distinct()}
+    assert len(tr) == 15 and not tr & {bytes(x.numpy()) for x, _ in held.distinct()}
     # a row's image is its caption's: class k's bar row is bright
     for i in range(len(held)):
         x, key = held[i]
         k = NAMES.index(next(n for n in NAMES if n in held.captions[key]))
         assert x[0, 4 * k].float().mean() > 200
     assert splits.test is None and not splits.labeled
+
+
+def test_pairs_beyond_cache_gb_are_read_from_the_disk_cache(tmp_path, caplog):
+    classes = write_images(tmp_path / "im", 12)
+    (tmp_path / "im" / "broken.png").write_bytes(b"not an image")
+    rows = [f"im/img{i}.png\ta {NAMES[k]}" for i, k in enumerate(classes)] + ["im/broken.png\tnever read"]
+    (tmp_path / "pairs.tsv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    path, small = str(tmp_path / "pairs.tsv"), 8 * 3 * 16 * 16 / 2**30  # room for 8 of the 12 images
+    memory = load_pairs(path, image_size=16, test_fraction=0.25)
+    with caplog.at_level("INFO"):
+        mapped = load_pairs(path, image_size=16, test_fraction=0.25, cache_gb=small)
+    assert "written" in caplog.text and "broken.png" in caplog.text
+    cache = list((tmp_path / ".contrastive_cli_cache").glob("*.u8"))  # beside the pairs file
+    assert len(cache) == 1 and str(cache[0]) in open("/proc/self/maps").read()  # read through the map
+    assert mapped.train.images is mapped.held_out.images and len(mapped.train.images) == 12  # one map, no copy
+    for a, b in ((memory.train, mapped.train), (memory.held_out, mapped.held_out)):
+        assert a.captions == b.captions and a.n_images == b.n_images
+        assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
+        assert torch.equal(a.take(torch.arange(len(a)))[0], b.take(torch.arange(len(b)))[0])
+    caplog.clear()
+    with caplog.at_level("INFO"):  # the next run reads the cache without decoding
+        again = load_pairs(path, image_size=16, test_fraction=0.25, cache_gb=small)
+    assert "read without decoding" in caplog.text and torch.equal(again.train[3][0], memory.train[3][0])
+    with pytest.raises(UserError) as err:
+        load_pairs(path, image_size=16, cache_gb=small, cache_dir=None)
+    assert "dataset.source.cache_dir=null" in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        if not os.access(tmp_path / "ro", os.W_OK):  # root writes anywhere: nothing to refuse there
+            with pytest.raises(UserError, match="no disk cache for .*pairs.tsv .*give dataset.source.cache_dir=DIR"):
+                load_pairs(path, image_size=16, cache_gb=small, cache_dir=str(tmp_path / "ro" / "c"))
+    finally:
+        (tmp_path / "ro").chmod(0o700)
 
 
 def test_pairs_reader_csv_and_jsonl_and_other_columns(tmp_path):
@@ -242,16 +277,25 @@ def pairs_file(tmp_path, captions: list[str], n: int = 64):
 def test_train_on_a_pairs_file_then_eval_retrieval(tmp_path, method, captions):
     path = pairs_file(tmp_path, captions)
     # small images and a short run: the point is the path from a pairs file to retrieval scores
+    # trainer.knn_every=2: the online monitor of a pairs run (retrieval on the held-out pairs) is under test
     proc = run_cli("cl-train", f"method={method}", "dataset=pairs", f"dataset.source.path={path}",
                    "dataset.image_size=16", "dataset.source.test_fraction=0.25", "trainer.batch_size=16",
-                   "trainer.epochs=4", "encoder.width=8", "hydra.run.dir=run", cwd=tmp_path)
+                   "trainer.epochs=4", "encoder.width=8", "trainer.knn_every=2", "hydra.run.dir=run", cwd=tmp_path)
     assert proc.returncode == 0, error_lines(proc)[-5:]
     history = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=False)["history"]
     assert history[-1]["loss"] < history[0]["loss"]
-    assert "no class labels: the k-NN monitor is off; cl-eval scores retrieval on the held-out pairs" in proc.stdout
-    proc = run_cli("cl-eval", "checkpoint=run/checkpoints/last.pt", "hydra.run.dir=ev", cwd=tmp_path)
+    assert [r["retrieval_r1"] is not None for r in history] == [False, True, False, True]
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    best = max(r["retrieval_r1"] for r in history if r["retrieval_r1"] is not None)
+    assert summary["retrieval_r1_best"] == pytest.approx(best) and "knn_top1" not in summary
+    assert summary["retrieval_r1_best_epoch"] in (2, 4) and (tmp_path / "run/checkpoints/best.pt").exists()
+    assert summary["i2t_r1"] >= 0 and summary["t2i_r10"] >= summary["t2i_r1"]  # the end-of-training scores
+    assert "k-NN monitor is off" not in proc.stdout + proc.stderr
+    proc = run_cli("cl-eval", "checkpoint=run/checkpoints/best.pt", "hydra.run.dir=ev", cwd=tmp_path)
     assert proc.returncode == 0, error_lines(proc)[-5:]
     result = json.loads((tmp_path / "ev/eval.json").read_text())
+    # cl-eval of best.pt scores what the monitor kept it by
+    assert (result["i2t_r1"] + result["t2i_r1"]) / 2 == pytest.approx(summary["retrieval_r1_best"], abs=1e-3)
     assert result["n_retrieval_images"] == 16 and result["n_retrieval_captions"] == 16
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
         assert 0.0 <= result[key] <= 1.0
@@ -265,6 +309,7 @@ def test_train_on_a_pairs_file_then_eval_retrieval(tmp_path, method, captions):
     (["text_encoder.width=30", "text_encoder.heads=4"], "text_encoder.width=30: must be a multiple of"),
     (["dataset=pairs"], "dataset.source.path: missing"),
     (["dataset=pairs", "dataset.source.path=nowhere.tsv"], "dataset.source.path=nowhere.tsv: no such file"),
+    (["method.eval_templates=nowhere.txt"], "method.eval_templates=nowhere.txt: no such file"),
 ])
 def test_bad_image_text_settings_are_one_line(tmp_path, args, expected):
     proc = run_cli("cl-train", "method=clip", *args, "trainer.epochs=1", cwd=tmp_path)
@@ -384,6 +429,7 @@ def test_export_writes_both_towers_and_they_give_load_clips_embeddings(digits_cl
     meta = json.loads(out.with_name(out.name + ".json").read_text())
     text_file = meta["text"]["file"]
     assert meta["text"]["tokenizer"] == "bytes" and meta["text"]["context_length"] == 64
+    assert meta["text"]["lowercase"] is True  # the config group's default: a caller of the file must lowercase too
     model = load_clip(digits_clip / "run/checkpoints/last.pt")
     captions = ["a photo of a 3.", "雨中的猫"]
     tokens = model.tokenize(captions)
@@ -423,6 +469,31 @@ def test_templates_put_the_given_class_names_into_the_given_templates(tmp_path):
     (tmp_path / "names.txt").write_text("零\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"method.classnames=.*names.txt: names 1 classes; dataset digits has 3"):
         method.use_data(train, OmegaConf.create({"name": "digits", "captions": "templates"}))
+
+
+def test_a_runs_own_zero_shot_prompts_in_its_own_language(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from contrastive_cli.captions import EVAL_TEMPLATES
+    from contrastive_cli.zeroshot import run_prompts
+
+    (tmp_path / "names.txt").write_text("零\n一\n", encoding="utf-8")
+    (tmp_path / "train.txt").write_text("一张{}的照片。\n", encoding="utf-8")
+    (tmp_path / "eval.txt").write_text("{}的图片。\n{}。\n", encoding="utf-8")
+
+    def prompts(same_data=True, **method):
+        return run_prompts(OmegaConf.create(method), ["zero", "one"], same_data)[:2]
+
+    assert prompts() == (["zero", "one"], list(EVAL_TEMPLATES))  # built-in templates: the held-out English list
+    names = str(tmp_path / "names.txt")
+    assert prompts(classnames=names, templates=str(tmp_path / "train.txt")) == (["零", "一"], ["一张{}的照片。"])
+    both = prompts(classnames=names, templates=str(tmp_path / "train.txt"), eval_templates=str(tmp_path / "eval.txt"))
+    assert both == (["零", "一"], ["{}的图片。", "{}。"])
+    # cl-eval on another dataset: that dataset's names, the run's prompts (their language)
+    assert prompts(False, classnames=names, eval_templates=str(tmp_path / "eval.txt"))[0] == ["zero", "one"]
+    with caplog.at_level("WARNING"):  # a checkpoint whose prompt file has gone: scored without it
+        assert prompts(classnames=str(tmp_path / "gone.txt")) == (["zero", "one"], list(EVAL_TEMPLATES))
+    assert "method.classnames=" in caplog.text and "no longer there" in caplog.text
 
 
 # ------------------------------------------------------------------------------ open_clip's towers

@@ -14,7 +14,8 @@ from PIL import Image
 
 from contrastive_cli.data import folder
 from contrastive_cli.data.batches import iterate_batches
-from contrastive_cli.data.folder import CACHE_FOLDER, CachedRows, FolderImages, load_imagefolder
+from contrastive_cli.data.cache import CACHE_FOLDER, CachedRows
+from contrastive_cli.data.folder import FolderImages, load_imagefolder
 
 OUTGROWN = 1e-9  # cache_gb: no folder fits in memory
 

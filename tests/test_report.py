@@ -147,3 +147,42 @@ def test_dir_without_runs_is_an_error(tmp_path, capsys):
     assert report.main([str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"cl-report: error: {tmp_path / 'empty'}: no run folder")
+
+
+def test_image_text_jobs_are_ranked_by_their_own_score(tmp_path, monkeypatch):
+    # CLIP's monitor is zero-shot (labelled data) or retrieval recall@1 (pairs), not the image tower's k-NN
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "multirun"
+
+    def job(n: str, overrides: list[str], column: str, scores: list[float], summary: dict | None):
+        make_job(root / n, overrides, summary=summary)
+        rows = [{"epoch": i + 1, "step": i + 1, "loss": 3.0 - i, column: s} for i, s in enumerate(scores)]
+        with open(root / n / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["epoch", "step", "loss", column])
+            w.writeheader()
+            w.writerows(rows)
+
+    job("0", ["method=clip", "optimizer.lr=0.001"], "zeroshot_top1", [0.5, 0.8, 0.7],
+        {"epochs": 3, "final_loss": 1.0, "knn_top1": 0.5, "zeroshot_top1": 0.7, "zeroshot_top1_best": 0.8})
+    job("1", ["method=clip", "optimizer.lr=0.01"], "zeroshot_top1", [0.4, 0.6, 0.6],
+        {"epochs": 3, "final_loss": 1.0, "knn_top1": 0.9, "zeroshot_top1": 0.6, "zeroshot_top1_best": 0.6})
+    job("2", ["method=siglip", "optimizer.lr=0.01"], "zeroshot_top1", [0.65], None)  # still running
+    (root / "ev").mkdir()
+    (root / "ev" / "eval.json").write_text(json.dumps({
+        "checkpoint": str((root / "1" / "checkpoints" / "best.pt").resolve()), "knn_top1": 0.9, "knn5_top1": 0.9,
+        "linear_top1": 0.9, "zeroshot_top1": 0.61, "zeroshot_top5": 0.99}))
+    assert report.main([str(root)]) == 0
+    with open(root / "report.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["job"] for r in table] == ["0", "2", "1"]  # by zero-shot, though job 1's k-NN is the highest
+    assert [(r["zeroshot_best"], r["zeroshot_last"]) for r in table] == [
+        ("0.8000", "0.7000"), ("0.6500", "0.6500"), ("0.6000", "0.6000")]
+    assert (table[2]["zeroshot_top1"], table[2]["zeroshot_top5"], table[2]["knn_last"]) == ("0.6100", "0.9900", "0.9000")
+    assert "retrieval_r1_best" not in table[0] and "i2t_r1" not in table[0]  # no pairs job here: no empty columns
+    # a pairs job (retrieval) beside them, and a SimCLR job: the k-NN ranks again, each score in its column
+    job("3", ["method=clip", "dataset=pairs"], "retrieval_r1", [0.2, 0.3], {"epochs": 2, "retrieval_r1_best": 0.3})
+    make_job(root / "4", ["method=simclr"], epochs([5.0], [0.95]), {"epochs": 1, "knn_top1": 0.95, "knn_best": 0.95})
+    assert report.main([str(root)]) == 0
+    with open(root / "report.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert table[0]["job"] == "4" and table[-1]["job"] == "3" and table[-1]["retrieval_r1_best"] == "0.3000"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,30 @@ def test_bytes_row_layout_and_round_trip(text):
     expected = [1, *(b + 3 for b in data), 2] + [0] * (64 - len(data) - 2)
     assert rows.dtype == torch.long and rows.tolist() == [expected] and truncated == 0
     assert bytes(i - 3 for i in rows[0, 1 : len(data) + 1].tolist()).decode("utf-8") == text
+
+
+def test_lowercase_reads_a_capitalised_name_as_the_same_caption():
+    on, off = ByteTokenizer(lowercase=True), ByteTokenizer()
+    assert on("An Ankle Boot", 32).tolist() == on("an ankle boot", 32).tolist() == off("an ankle boot", 32).tolist()
+    assert off("An Ankle Boot", 32).tolist() != off("an ankle boot", 32).tolist()
+    assert on("ÉTÉ Σ 一只猫", 32).tolist() == off("été σ 一只猫", 32).tolist()  # any script's cases; none in Chinese
+    # a checkpoint from before the setting has no `lowercase` key: it tokenizes as it was trained
+    assert not TextTransformer(width=8, layers=1, heads=2).tokenizer.lowercase
+
+
+def test_many_captions_of_every_length_are_laid_out_as_one_at_a_time():
+    # encode lays blocks of captions out at once; each row must be the caption's own row
+    rng = np.random.default_rng(0)
+    texts = ["".join(rng.choice(list("ab cé猫"), size=n)) for n in rng.integers(0, 40, size=10_000)]
+    tok = ByteTokenizer()
+    for length in (2, 3, 16, 64):
+        rows, cut = tok.encode(texts, length)
+        for i in [*range(300), *range(len(texts) - 300, len(texts))]:  # both ends: the first and the last block
+            data = texts[i].encode("utf-8")[: length - 2]
+            assert rows[i].tolist() == [1, *(b + 3 for b in data), 2] + [0] * (length - len(data) - 2)
+        assert cut == sum(len(t.encode("utf-8")) > length - 2 for t in texts)
+        ends = (rows == tok.eot).int().argmax(1)
+        assert (ends == torch.tensor([min(len(t.encode("utf-8")), length - 2) + 1 for t in texts])).all()
 
 
 def test_truncation_keeps_eot_last_and_counts_cut_captions():
@@ -141,8 +166,9 @@ def test_contrastive_toy_loss_falls():
 def test_config_builds_the_tower_and_leaves_embed_dim_to_the_method():
     path = Path(contrastive_cli.__file__).parent / "configs" / "text_encoder" / "transformer.yaml"
     cfg = OmegaConf.load(path)
-    assert "embed_dim" not in cfg and cfg.tokenizer == "bytes"
+    assert "embed_dim" not in cfg and cfg.tokenizer == "bytes" and cfg.lowercase is True
     model = instantiate(cfg, embed_dim=24)
+    assert model.tokenizer.lowercase
     assert isinstance(model, TextTransformer) and model.feature_dim == 24
     assert model.context_length == cfg.context_length
     assert model(model.tokenize(CAPTIONS)).shape == (3, 24)

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from ..errors import UserError
 from ..files import read_text
+from .cache import CachedRows, disk_cache
 from .images import Splits, decode_all
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,14 @@ log = logging.getLogger(__name__)
 
 class PairImages(Dataset):
     """Rows of (image, caption); the images are held once (several rows may share one). Item i is
-    (uint8 image, i): a batch carries its rows' numbers, which the method looks its captions up by."""
+    (uint8 image, i): a batch carries its rows' numbers, which the method looks its captions up by.
+    `images` are all the pairs file's decoded images (in memory, or the disk cache's map), of which this
+    split holds `rows`; caption i's image is images[rows[image_of[i]]]."""
 
-    def __init__(self, images: torch.Tensor, image_of: torch.Tensor, captions: list[str]):
+    def __init__(self, images: torch.Tensor, image_of: torch.Tensor, captions: list[str],
+                 rows: torch.Tensor | None = None):
         self.images, self.image_of, self.captions = images, image_of.long(), captions
+        self.rows = rows.long() if rows is not None else torch.arange(len(images))
         self.labels = torch.arange(len(captions))  # what batches carry: the row numbers
         self.classes: list[str] = []
 
@@ -35,10 +40,18 @@ class PairImages(Dataset):
         return len(self.captions)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[self.image_of[i]], i
+        return self.images[self.rows[self.image_of[i]]], i
 
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[self.image_of[idx]], idx
+        return self.images[self.rows[self.image_of[idx]]], idx
+
+    @property
+    def n_images(self) -> int:
+        return len(self.rows)
+
+    def distinct(self) -> Dataset:
+        """Each of the split's images once, in the order image_of counts them (retrieval ranks images, not rows)."""
+        return CachedRows(self.images, self.rows, torch.arange(len(self.rows)), [])
 
 
 @dataclass
@@ -104,18 +117,25 @@ def resolve(path: str, image: str) -> str:
 
 
 def load_pairs(path: str, image_key: str = "filepath", caption_key: str = "title", image_size: int = 64,
-               channels: int = 3, test_fraction: float = 0.1, seed: int = 0, cache_gb: float = 2.0) -> PairSplits:
+               channels: int = 3, test_fraction: float = 0.1, seed: int = 0, cache_gb: float = 2.0,
+               cache_dir: str | None = "auto") -> PairSplits:
     """A pairs file: image paths (relative to the file's folder, or absolute) and captions. Every distinct
-    image is decoded once at image_size (unreadable ones skipped and named in one warning); empty captions
-    are skipped with a count; a seeded `test_fraction` of the IMAGES (with all their captions) is held out."""
+    image is decoded once at image_size (unreadable ones skipped and named in one warning): held in memory
+    when they fit in `cache_gb`, else in the disk cache (`cache_dir`, "auto": a hidden folder beside the
+    file), which later runs read without decoding. Empty captions are skipped with a count; a seeded
+    `test_fraction` of the IMAGES (with all their captions) is held out."""
     p = Path(path).expanduser()
     rows = read_pairs(path, image_key, caption_key)
     names = list(dict.fromkeys(f for f, _ in rows))
     files = [resolve(path, f) for f in names]
-    if len(files) * channels * image_size**2 > cache_gb * 2**30:
-        raise UserError(f"dataset.source.path={path}: its {len(files)} images at {image_size} px take more than "
-                        f"dataset.source.cache_gb={cache_gb} GiB; raise cache_gb or lower dataset.image_size")
-    ok, images = decode_all(files, image_size, channels)
+    if len(files) * channels * image_size**2 <= cache_gb * 2**30:
+        ok, images = decode_all(files, image_size, channels)
+    elif cache_dir:
+        ok, images = disk_cache(str(p.resolve().parent), files, image_size, channels, cache_dir, owner=str(p.resolve()))
+    else:
+        raise UserError(f"dataset.source.cache_dir=null: the {len(files)} images of {path} at {image_size} px take more "
+                        f"than dataset.source.cache_gb={cache_gb} GiB, and a pairs file is read from memory or the disk "
+                        f"cache; give cache_dir=auto (beside the file) or a folder, or raise cache_gb")
     if images is None:
         raise UserError(f"dataset.source.path={path}: none of its {len(files)} image files could be read")
     index = {}
@@ -135,15 +155,15 @@ def load_pairs(path: str, image_key: str = "filepath", caption_key: str = "title
         held = held_out_images(len(index), test_fraction, seed)
 
     def part(mask: np.ndarray) -> PairImages:
+        # the split's rows of the one image tensor, not a copy: the disk cache's map is never read whole
         rows_in = np.flatnonzero(mask[image_of])
         used = np.unique(image_of[rows_in])
         remap = np.full(len(index), -1, dtype=np.int64)
         remap[used] = np.arange(len(used))
-        return PairImages(images[torch.from_numpy(used)], torch.from_numpy(remap[image_of[rows_in]]),
-                          [captions[i] for i in rows_in])
+        return PairImages(images, torch.from_numpy(remap[image_of[rows_in]]), [captions[i] for i in rows_in],
+                          torch.from_numpy(used))
 
     train = part(~held)
     log.info("pairs %s: %d captions of %d images for training, %d of %d held out", p, len(train), int((~held).sum()),
              int(held[image_of].sum()), int(held.sum()))
     return PairSplits(train, None, held_out=part(held) if held.any() else None)
-

@@ -38,7 +38,7 @@ class ImageText(Method):
     def __init__(self, encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 128, logit_scale: float = 1.0,
                  logit_bias: float | None = None, templates: str | None = None, classnames: str | None = None,
                  towers: str = "own", model: str | None = None, pretrained: str | None = None,
-                 model_config: str | None = None):
+                 model_config: str | None = None, eval_templates: str | None = None):
         check(towers in ("own", "open_clip"), f"method.towers={towers}: choose from own, open_clip")
         scale = torch.tensor(math.log(logit_scale))
         bias = torch.tensor(float(logit_bias)) if logit_bias is not None else None
@@ -58,7 +58,7 @@ class ImageText(Method):
             nn.init.normal_(self.image_proj.weight, std=encoder.feature_dim**-0.5)
         self.logit_scale = nn.Parameter(scale)
         self.logit_bias = nn.Parameter(bias) if bias is not None else None
-        self.templates, self.classnames = templates, classnames
+        self.templates, self.classnames, self.eval_templates = templates, classnames, eval_templates
         self.captions: Tensor | None = None  # tokens: (rows, L) for pairs, (templates, classes, L) for templates
         self.by_class = False
 
@@ -66,6 +66,8 @@ class ImageText(Method):
         """Tokenize the training split's captions once (pairs), or its class names in the templates."""
         tok, length = self.text.tokenizer, self.text.context_length
         name = dataset_cfg.name
+        if self.eval_templates:  # read by the zero-shot score after an epoch: a bad file is found now
+            read_templates(self.eval_templates, (), "method.eval_templates")
         if self.open_clip is not None:
             check_open_clip_data(self.encoder, dataset_cfg, self.open_clip)
         if isinstance(train, PairImages):
@@ -156,9 +158,10 @@ class CLIP(ImageText):
 
     def __init__(self, encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 128, init_scale: float = 1 / 0.07,
                  templates: str | None = None, classnames: str | None = None, towers: str = "own",
-                 model: str | None = None, pretrained: str | None = None, model_config: str | None = None):
+                 model: str | None = None, pretrained: str | None = None, model_config: str | None = None,
+                 eval_templates: str | None = None):
         super().__init__(encoder, text_encoder, embed_dim, positive("method.init_scale", init_scale), None, templates,
-                         classnames, towers, model, pretrained, model_config)
+                         classnames, towers, model, pretrained, model_config, eval_templates)
 
     def loss(self, image: Tensor, text: Tensor, offset: int) -> Tensor:
         return clip_loss(image, text, gather_with_grad(image), gather_with_grad(text), self.logit_scale, offset)
@@ -170,9 +173,9 @@ class SigLIP(ImageText):
     def __init__(self, encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 128, init_scale: float = 10.0,
                  init_bias: float = -10.0, templates: str | None = None, classnames: str | None = None,
                  towers: str = "own", model: str | None = None, pretrained: str | None = None,
-                 model_config: str | None = None):
+                 model_config: str | None = None, eval_templates: str | None = None):
         super().__init__(encoder, text_encoder, embed_dim, positive("method.init_scale", init_scale), init_bias,
-                         templates, classnames, towers, model, pretrained, model_config)
+                         templates, classnames, towers, model, pretrained, model_config, eval_templates)
 
     def loss(self, image: Tensor, text: Tensor, offset: int) -> Tensor:
         return siglip_loss(image, gather_with_grad(text), self.logit_scale, self.logit_bias, offset)
