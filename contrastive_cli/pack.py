@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import signal
 import tarfile
 from pathlib import Path
 
@@ -192,11 +193,27 @@ def _claim(out: Path, plan: dict) -> None:
     mine.write_text(json.dumps(plan))
 
 
+def _default_signals() -> None:
+    """In a pool worker: SIGTERM ends it. The worker is a fork of cl-pack, whose SIGTERM handler raises for a
+    one-line exit; a worker waiting for its next task could miss that and keep the pool's join waiting."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _map(fn, jobs, workers: int):
     if workers <= 1 or len(jobs) <= 1:
         yield from map(fn, jobs)
         return
     import multiprocessing
 
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # close + join once every result is in: the workers end on the queue's sentinels. `with Pool()` ends in
+    # terminate(), which signals the workers: twice in one day's test runs it then joined a worker still
+    # waiting on the task queue, unsignalled, forever (a test's cl-pack hung until the test's 600 s timeout)
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_default_signals)
+    try:
         yield from pool.imap_unordered(fn, jobs)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()

@@ -434,3 +434,19 @@ def test_a_slurm_job_of_several_nodes_meets_at_its_first_node(tmp_path, monkeypa
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="first node is unknown"):
         _rendezvous(env)
+
+
+def test_cl_packs_worker_pool_always_ends(tmp_path):
+    # cl-pack's SIGTERM handler raises (a one-line exit); its pool's forked workers inherited it, and a
+    # pool ended by terminate() could leave a worker holding the task queue's lock: the join then hung
+    # (twice in one day's test runs, until the test's 600 s timeout; within 300 pools in a loop like this)
+    code = ("import signal, sys\n"
+            "from contrastive_cli.pack import _map\n"
+            "def stop(signum, frame): raise SystemExit(143)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "for _ in range(300):\n"
+            "    assert sorted(_map(abs, [-1, -2, -3], 2)) == [1, 2, 3]\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr  # no worker died by the inherited handler
