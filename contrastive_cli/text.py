@@ -22,6 +22,7 @@ class _Tokenizer:
     eot: int
 
     def ids(self, text: str) -> list[int]:
+        """One caption's ids (what flat_ids lays out, unless a tokenizer lays out its own)."""
         raise NotImplementedError
 
     def flat_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -70,9 +71,6 @@ class ByteTokenizer(_Tokenizer):
         # lowercase: "Dress" and "dress" one caption, as CLIP's BPE (which lowercases) reads them; str.lower
         # knows every script's cases and leaves scripts without case (Chinese) as they are
         self.lowercase = lowercase
-
-    def ids(self, text: str) -> list[int]:
-        return [b + 3 for b in (text.lower() if self.lowercase else text).encode("utf-8")]
 
     def flat_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         data = [(t.lower() if self.lowercase else t).encode("utf-8") for t in texts]

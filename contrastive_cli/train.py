@@ -210,7 +210,7 @@ def run_training(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = N
         written = resume is None or state.step > resume["step"]
         last = run_dir / "checkpoints" / "last.pt" if written else resume_path  # nothing trained: name what was read
         summary = _summarize(cfg, t, method, splits, state, run_dir, device, time.perf_counter() - wall, last, run,
-                             overrides if resume is not None else None, progress == "bar")
+                             overrides if resume is not None else None, progress == "bar", score)
         if logger is not None:  # the settings beside the final numbers, and the pictures
             logger.finish(summary, {"loss": run_dir / "loss.png"})
         return summary
@@ -391,8 +391,9 @@ def _wrap(method: Method, t: TrainerCfg, world: int, device: torch.device):
 
 def _summarize(cfg, t: TrainerCfg, method: Method, splits, state: TrainState, run_dir: Path,
                device: torch.device, wall: float, last: Path, run: dict, resumed_with: list[str] | None,
-               bars: bool) -> dict:
-    """summary.json: what was trained and how well, with the overrides and settings a table of runs needs."""
+               bars: bool, monitor=None) -> dict:
+    """summary.json: what was trained and how well, with the overrides and settings a table of runs needs.
+    `monitor`: the run's online score (trainer.knn_every), reused for the end's zero-shot when there is one."""
     summary = {"method": cfg.method._target_, "dataset": cfg.dataset.name, "epochs": state.epoch,
                "steps": state.step, "final_loss": state.history[-1]["loss"] if state.history else None,
                "wall_time_s": round(wall, 2), "collapse_warning": state.monitor.any, "checkpoint": str(last),
@@ -410,7 +411,7 @@ def _summarize(cfg, t: TrainerCfg, method: Method, splits, state: TrainState, ru
     if (t.knn_monitor or t.knn_every) and splits.labeled:
         summary.update(final_knn(method.encoder, splits, cfg.dataset, device, bars))
         if key == "zeroshot_top1":
-            summary["zeroshot_top1"] = zeroshot_monitor(method, splits.test, cfg, device, bars)()
+            summary["zeroshot_top1"] = (monitor or zeroshot_monitor(method, splits.test, cfg, device, bars))()
             log.info("zero-shot top-1 on the test split: %.4f", summary["zeroshot_top1"])
     elif (t.knn_monitor or t.knn_every) and key == "retrieval_r1":
         summary.update(held_out_retrieval(method, splits.held_out, cfg.dataset, device, bars=bars))
