@@ -195,7 +195,7 @@ def _claim(out: Path, plan: dict) -> None:
 
 def _default_signals() -> None:
     """In a pool worker: SIGTERM ends it. The worker is a fork of cl-pack, whose SIGTERM handler raises for a
-    one-line exit; a worker waiting for its next task could miss that and keep the pool's join waiting."""
+    one-line exit: raised inside a worker that held the task queue's lock, it left the lock taken."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
@@ -205,9 +205,10 @@ def _map(fn, jobs, workers: int):
         return
     import multiprocessing
 
-    # close + join once every result is in: the workers end on the queue's sentinels. `with Pool()` ends in
-    # terminate(), which signals the workers: twice in one day's test runs it then joined a worker still
-    # waiting on the task queue, unsignalled, forever (a test's cl-pack hung until the test's 600 s timeout)
+    # close + join once every result is in: the workers end on the queue's sentinels, no signal sent.
+    # `with Pool()` ends in terminate(), which SIGTERMs the workers; one that the inherited handler stopped
+    # while it held the task queue's lock left another waiting on that lock, and the join hung (twice in
+    # one day's test runs, a cl-pack until the test's 600 s timeout; within 300 pools in a loop)
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=_default_signals)
     try:
         yield from pool.imap_unordered(fn, jobs)
