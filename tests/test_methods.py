@@ -253,3 +253,24 @@ def test_supervised_triplet_without_any_negative_is_zero_not_wrong():
     out.loss.backward()
     mixed = model.training_step(x, x.flip(-1), torch.tensor([0, 0, 1, 1]))
     assert torch.isfinite(mixed.loss) and mixed.loss.item() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_cnn_pools_before_the_relu_with_the_outputs_and_gradients_of_relu_then_pool(dtype):
+    """SmallCNN puts the max-pool before the ReLU to save time; a checkpoint trained with either order
+    must give the same numbers, bit for bit, in both precisions (bf16 has many ties in a window)."""
+    torch.manual_seed(0)
+    model = SmallCNN(1, 4).to(memory_format=torch.channels_last)
+    reference = nn.Sequential(*[nn.Sequential(b[0], b[1], b[3], b[2]) if len(b) == 4 else b for b in model.net[:4]],
+                              *model.net[4:])
+    assert [type(m) for m in model.net[0]] == [nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU]
+    x = torch.randn(16, 1, 32, 32).to(memory_format=torch.channels_last)
+    grads = []
+    for net in (model, reference):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = net(x)
+        out.float().pow(2).sum().backward()
+        grads.append((out, [p.grad.clone() for p in net.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1], strict=True))
