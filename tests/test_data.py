@@ -439,8 +439,8 @@ def test_digits():
 
 
 def test_digits_image_size():
-    s = load_digits(image_size=16)
-    assert s.train.images.shape[1:] == (1, 16, 16)
+    s = load_digits(image_size=24)  # not the default (16)
+    assert s.train.images.shape[1:] == (1, 24, 24)
 
 
 # --------------------------------------------------------------------------------- batch iteration

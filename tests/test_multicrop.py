@@ -30,7 +30,8 @@ CPU = Precision(torch.device("cpu"), None, False)
 
 
 def multicrop(**kw):
-    cfg = compose_cfg("train", ["augmentation=multicrop", *[f"augmentation.{k}={v}" for k, v in kw.items()]])
+    cfg = compose_cfg("train", ["augmentation=multicrop", "dataset.image_size=32",  # 13 px local crops
+                                *[f"augmentation.{k}={v}" for k, v in kw.items()]])
     return build(cfg.augmentation, "augmentation")
 
 
@@ -51,7 +52,7 @@ def test_multicrop_shapes_and_every_sample_draws_its_own_crop():
 
 
 def test_multicrop_views_come_from_the_dataloader_workers_too():
-    cfg = compose_cfg("train", ["augmentation=multicrop", "augmentation.local_crops=3"])
+    cfg = compose_cfg("train", ["augmentation=multicrop", "augmentation.local_crops=3", "dataset.image_size=32"])
     aug, data = build(cfg.augmentation, "augmentation"), build(cfg.dataset.source, "dataset").train
     batch = next(iterate_batches(data, 8, 0, 0, augment=aug, aug_seed=1))
     x1, x2, y, crops = make_views(batch, aug, torch.Generator(), CPU, cpu_views=True)
@@ -61,9 +62,10 @@ def test_multicrop_views_come_from_the_dataloader_workers_too():
 
 def pinned_simclr_losses(cpu_views: bool) -> list[float]:
     """Three SGD steps of SimCLR on digits through make_views and optimizer_step, as the loop runs them."""
-    # dataset.flip_p=0.5: the pinned losses were computed when digits' views were flipped too
+    # dataset.flip_p=0.5, dataset.image_size=32: the pinned losses were computed when digits' views were
+    # flipped too, and at 32 px
     cfg = compose_cfg("train", ["method=simclr", "encoder.width=4", "method.proj_hidden_dim=16", "method.proj_dim=8",
-                                "dataset.flip_p=0.5"])
+                                "dataset.flip_p=0.5", "dataset.image_size=32"])
     seed_everything(0)
     _, method = build_model(cfg)
     augment = build(cfg.augmentation, "augmentation")
@@ -92,7 +94,7 @@ def test_two_view_method_with_multicrop_is_one_line_error(method):
         validate_train(compose_cfg("train", [f"method={method}", "augmentation=multicrop", "augmentation.local_crops=6"]))
     assert "\n" not in str(e.value)
     validate_train(compose_cfg("train", [f"method={method}", "augmentation=multicrop", "augmentation.local_crops=0"]))
-    validate_train(compose_cfg("train", [f"method={method}", "augmentation=multicrop"]))  # auto: none at 32 px
+    validate_train(compose_cfg("train", [f"method={method}", "augmentation=multicrop"]))  # auto: none at 16 px
 
 
 @pytest.mark.parametrize(("size", "crops"), [(28, 0), (32, 0), (40, 6), (96, 6)])
@@ -324,7 +326,7 @@ def test_cpc_grid_and_loss():
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(UserError, match="do not tile a 30 px image"):
-        small_cpc(image_size=30)
+        small_cpc(image_size=30, stride=4)
     with pytest.raises(UserError, match="method.steps=7"):
         small_cpc(steps=7)
 
@@ -336,11 +338,22 @@ def test_cl_eval_reads_cpc_features_pooled_over_the_grid():
 
     ckpt = {"config": OmegaConf.to_yaml(cfg, resolve=True), "encoder": method.encoder.state_dict()}
     encoder, _ = encoder_from_checkpoint(ckpt)  # what cl-eval, cl-embed and cl-export run
-    x = torch.randn(4, 1, 32, 32)
+    size = cfg.dataset.image_size
+    x = torch.randn(4, 1, size, size)
     method.eval()
     with torch.no_grad():
-        expected = method.encoder.grid(x).mean((2, 3))
-        assert torch.equal(encoder(x), expected)
+        expected = method.encoder.grid(x)
+        assert expected.shape[2:] == (5, 5) and encoder.stride == 2  # digits' 16 px at stride=auto
+        assert torch.equal(encoder(x), expected.mean((2, 3)))
+
+
+@pytest.mark.parametrize("size, stride, rows", [(32, 4, 7), (28, 4, 6), (16, 2, 5), (12, 1, 5), (10, 2, 2)])
+def test_cpc_stride_auto_keeps_five_rows_where_the_image_allows(size, stride, rows):
+    model = small_cpc(image_size=size, steps=1)
+    assert (model.encoder.stride, model.side) == (stride, rows)
+    assert small_cpc(image_size=32, stride=2).side == 13  # a number given is kept
+    with pytest.raises(UserError, match="method.stride=wide: give a positive integer or auto"):
+        small_cpc(stride="wide")
 
 
 # ------------------------------------------------------------------------------- two processes

@@ -248,17 +248,17 @@ def test_default_export_goes_next_to_the_run_not_among_its_checkpoints(tmp_path,
 
 def test_load_encoder_preprocess_accepts_pil_numpy_and_uint8_tensors(tmp_path, digits_ckpt):
     encoder, preprocess = load_encoder(digits_ckpt)
-    assert not encoder.training and preprocess.size == 32 and preprocess.channels == 1
+    assert not encoder.training and preprocess.size == 16 and preprocess.channels == 1
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
     as_tensor = torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1)
     a, b, c = preprocess(rgb), preprocess([rgb]), preprocess(as_tensor)
-    assert a.shape == (1, 1, 32, 32) and a.dtype == torch.float32
+    assert a.shape == (1, 1, 16, 16) and a.dtype == torch.float32
     assert torch.equal(a, b) and torch.equal(a, c)
-    grey = np.asarray(rgb.convert("L").resize((32, 32), Image.BILINEAR))
+    grey = np.asarray(rgb.convert("L").resize((16, 16), Image.BILINEAR))
     assert torch.equal(preprocess(grey), a)  # an H x W uint8 array at the right size: no resampling
     assert torch.allclose(a * 0.33 + 0.2, torch.from_numpy(grey).float()[None, None] / 255, atol=1e-6)
     with pytest.raises(UserError, match="must be uint8"):
-        preprocess(torch.rand(1, 1, 32, 32))
+        preprocess(torch.rand(1, 1, 16, 16))
     with torch.no_grad():
         assert encoder(a).shape == (1, 64)
 

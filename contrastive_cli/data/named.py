@@ -24,7 +24,7 @@ from ..errors import UserError
 from .images import Splits, TensorImages, stratified_split
 
 
-def load_digits(image_size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> Splits:
+def load_digits(image_size: int = 16, test_fraction: float = 0.25, seed: int = 0) -> Splits:
     """scikit-learn's 8x8 digits (values 0..16), scaled to uint8 and upscaled bilinearly."""
     from sklearn.datasets import load_digits as sk_digits
 

@@ -24,6 +24,23 @@ from ..errors import UserError, positive
 from ..losses import cpc_info_nce
 from .base import Method, StepOutput
 
+# stride=auto: the largest of these whose grid tiles the image with at least MIN_ROWS rows. On digits at
+# 16 px a stride-4 grid has 3 rows of half-image patches: CPC's k-NN rose 0.009 over its untrained grid's
+# (0.760 against 0.751); stride 2 (5 rows) rose 0.038 (0.804 against 0.767). 28 and 32 px keep stride 4.
+STRIDES, MIN_ROWS = (4, 2, 1), 5
+
+
+def grid_stride(stride: int | str, patch_size: int, image_size: int) -> int:
+    """`stride`, or for `auto` the stride the patch grid of an `image_size` px image is cut at."""
+    if stride != "auto":
+        if isinstance(stride, str):
+            raise UserError(f"method.stride={stride}: give a positive integer or auto")
+        return stride
+    positive("method.patch_size", patch_size, integer=True)
+    fits = [s for s in STRIDES if image_size >= patch_size and (image_size - patch_size) % s == 0]
+    rows = [s for s in fits if (image_size - patch_size) // s + 1 >= MIN_ROWS]
+    return (rows or fits or STRIDES)[0]
+
 
 class PatchGrid(nn.Module):
     """An encoder applied to the patches of an image: `grid(x)` gives B x D x G x G features,
@@ -68,11 +85,12 @@ class CausalConv(nn.Conv2d):
 
 
 class CPC(Method):
-    def __init__(self, encoder: nn.Module, image_size: int = 32, patch_size: int = 8, stride: int = 4,
+    def __init__(self, encoder: nn.Module, image_size: int = 32, patch_size: int = 8, stride: int | str = "auto",
                  context_dim: int = 256, context_layers: int = 3, steps: int = 2, group_size: int = 32):
-        grid = PatchGrid(encoder, patch_size, stride)
+        positive("dataset.image_size", image_size, integer=True)
+        grid = PatchGrid(encoder, patch_size, grid_stride(stride, patch_size, image_size))
         super().__init__(grid)
-        self.side = grid.side(positive("dataset.image_size", image_size, integer=True))
+        self.side = grid.side(image_size)
         self.steps = positive("method.steps", steps, integer=True)
         if self.steps >= self.side:
             raise UserError(f"method.steps={steps}: the grid has {self.side} rows; predict at most {self.side - 1} ahead")
@@ -88,7 +106,9 @@ class CPC(Method):
 
     @classmethod
     def eval_encoder(cls, encoder: nn.Module, method_cfg) -> nn.Module:
-        return PatchGrid(encoder, method_cfg.get("patch_size", 8), method_cfg.get("stride", 4))
+        patch = method_cfg.get("patch_size", 8)  # the grid it was trained on: its own image size, not the eval data's
+        stride = grid_stride(method_cfg.get("stride", "auto"), patch, method_cfg.get("image_size", 32))
+        return PatchGrid(encoder, patch, stride)
 
     def loss_of(self, f: Tensor) -> Tensor:
         """InfoNCE of one view's features f (B x D x G x G), averaged over k = 1..K and over groups of
