@@ -325,8 +325,11 @@ def test_cpc_grid_and_loss():
     assert out.loss.item() > 0 and out.z1.shape[1] == 32
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+    assert small_cpc(image_size=32, stride=2).side == 13  # a stride given is kept (auto: 4, 7 rows)
     with pytest.raises(UserError, match="do not tile a 30 px image"):
         small_cpc(image_size=30, stride=4)
+    with pytest.raises(UserError, match="method.stride=wide: give a positive integer or auto"):
+        small_cpc(stride="wide")
     with pytest.raises(UserError, match="method.steps=7"):
         small_cpc(steps=7)
 
@@ -351,9 +354,6 @@ def test_cl_eval_reads_cpc_features_pooled_over_the_grid():
 def test_cpc_stride_auto_keeps_five_rows_where_the_image_allows(size, stride, rows):
     model = small_cpc(image_size=size, steps=1)
     assert (model.encoder.stride, model.side) == (stride, rows)
-    assert small_cpc(image_size=32, stride=2).side == 13  # a number given is kept
-    with pytest.raises(UserError, match="method.stride=wide: give a positive integer or auto"):
-        small_cpc(stride="wide")
 
 
 # ------------------------------------------------------------------------------- two processes

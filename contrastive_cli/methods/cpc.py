@@ -37,8 +37,9 @@ def grid_stride(stride: int | str, patch_size: int, image_size: int) -> int:
             raise UserError(f"method.stride={stride}: give a positive integer or auto")
         return stride
     positive("method.patch_size", patch_size, integer=True)
-    fits = [s for s in STRIDES if image_size >= patch_size and (image_size - patch_size) % s == 0]
-    rows = [s for s in fits if (image_size - patch_size) // s + 1 >= MIN_ROWS]
+    span = image_size - patch_size
+    fits = [s for s in STRIDES if span >= 0 and span % s == 0]
+    rows = [s for s in fits if span // s + 1 >= MIN_ROWS]
     return (rows or fits or STRIDES)[0]
 
 
