@@ -143,6 +143,20 @@ def test_a_flipped_byte_in_tensor_data_is_refused(tmp_path):
         checkpoint.load(path)
 
 
+def test_a_checkpoint_of_the_previous_format_is_still_verified(tmp_path):
+    """Files written before the CRC-32 checksum (format /2, blake2b) load, checked by their own digest."""
+    path = tmp_path / "old.pt"
+    weight = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    body = payload(weight=weight)
+    old = {"format": "contrastive_cli/2", **body, "checksum": checkpoint.payload_digest(body, "contrastive_cli/2")}
+    assert len(old["checksum"]) == 40 and old["checksum"] != checkpoint.payload_digest(body)
+    torch.save(old, path)
+    assert torch.equal(checkpoint.load(path)["encoder"]["w"], weight)
+    flip_tensor_byte(path, weight)
+    with pytest.raises(UserError, match="damaged checkpoint"):
+        checkpoint.load(path)
+
+
 def test_non_finite_weights_are_refused(tmp_path):
     path = tmp_path / "last.pt"
     bad = payload()

@@ -6,8 +6,11 @@ No network: every dataset here is either made in tmp_path or shipped by scikit-l
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from contrastive_cli.data import (
     load_stl10,
     num_batches,
 )
+from contrastive_cli.data.images import stratified_split
 from contrastive_cli.errors import UserError
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -441,6 +445,40 @@ def test_digits():
 def test_digits_image_size():
     s = load_digits(image_size=24)  # not the default (16)
     assert s.train.images.shape[1:] == (1, 24, 24)
+
+
+def test_digits_load_without_scikit_learn_and_split_as_it_splits():
+    """The default data's start-up reads digits from scikit-learn's own file without importing it (1.3 s),
+    and splits it as scikit-learn's train_test_split did: the runs of earlier versions keep their test split."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    probe = subprocess.run([sys.executable, "-c", "import sys; from contrastive_cli.data import load_digits; "
+                            "s = load_digits(); print(len(s.train), len(s.test), 'sklearn' in sys.modules)"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.split() == ["1347", "450", "False"], probe.stderr
+    d = sk_digits()
+    tr, te = train_test_split(np.arange(1797), test_size=0.25, random_state=0, stratify=d.target)
+    s = load_digits(image_size=8)  # the originals' size: pixels comparable one to one
+    expected = torch.from_numpy(d.images[np.sort(te)] / 16 * 255).round().to(torch.uint8).unsqueeze(1)
+    assert torch.equal(s.test.images, expected) and s.test.labels.tolist() == d.target[np.sort(te)].tolist()
+    assert s.train.labels.tolist() == d.target[np.sort(tr)].tolist()
+    rng = np.random.RandomState(0)
+    for _ in range(200):  # other class counts, fractions and seeds, ties between remainders among them
+        k = rng.randint(2, 8)
+        labels = np.repeat(np.arange(k), rng.randint(2, 40, k))
+        fraction, seed = rng.choice([0.1, 0.25, 0.5, 0.7, rng.uniform(0.05, 0.95)]), rng.randint(100)
+        if min(math.ceil(fraction * len(labels)), len(labels) - math.ceil(fraction * len(labels))) < k:
+            continue  # the one-line refusal below
+        ref = train_test_split(np.arange(len(labels)), test_size=fraction, random_state=seed, stratify=labels)
+        mine = stratified_split(labels, fraction, seed)
+        assert all(np.array_equal(np.sort(r), m) for r, m in zip(ref, mine, strict=True)), (np.bincount(labels), fraction, seed)
+
+
+def test_a_split_without_an_image_of_each_class_on_each_side_is_one_line():
+    with pytest.raises(UserError, match=r"^test_fraction=0.25: holds out 2 of 6 images and trains on 4, and each "
+                                        r"side needs an image of each of the 3 classes$"):
+        stratified_split(np.array([0, 0, 1, 1, 2, 2]), 0.25, 0)
 
 
 # --------------------------------------------------------------------------------- batch iteration
