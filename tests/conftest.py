@@ -69,7 +69,7 @@ def fast_train() -> list[str]:
 
 @pytest.fixture(scope="session")
 def digits_ckpt(tmp_path_factory):
-    """A small_cnn trained one epoch on digits (1 channel, 32 px, fast settings), for the tests of what
+    """A small_cnn trained one epoch on digits (1 channel, 16 px, fast settings), for the tests of what
     reads a checkpoint (cl-eval, cl-embed, cl-export, load_encoder); they only read it."""
     from contrastive_cli.train import run_training
 
