@@ -466,7 +466,7 @@ def test_digits_load_without_scikit_learn_and_split_as_it_splits():
     rng = np.random.RandomState(0)
     for _ in range(200):  # other class counts, fractions and seeds, ties between remainders among them
         k = rng.randint(2, 8)
-        labels = np.repeat(np.arange(k), rng.randint(2, 40, k))
+        labels = rng.permutation(np.repeat(np.arange(k), rng.randint(2, 40, k)))  # classes interleaved
         fraction, seed = rng.choice([0.1, 0.25, 0.5, 0.7, rng.uniform(0.05, 0.95)]), rng.randint(100)
         if min(math.ceil(fraction * len(labels)), len(labels) - math.ceil(fraction * len(labels))) < k:
             continue  # the one-line refusal below
