@@ -3,6 +3,7 @@ without gradient), means across ranks. With one process every helper is the iden
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -30,8 +31,11 @@ def setup(device_type: str) -> tuple[int, int, int]:
 def cleanup(barrier: bool = True) -> None:
     """Leave the process group together: a rank that tears it down while another still talks to it
     makes gloo abort that rank ("terminate called without an active exception"). After an error on
-    one rank alone the others may never reach the barrier: `barrier=False` then."""
+    one rank alone the others may never reach the barrier: `barrier=False` then. Garbage is collected
+    first: what a DDP model leaves in reference cycles, freed only at interpreter exit after the group,
+    aborted a rank the same way (the two-rank tests: 3 runs in 20; none in 20 with it, none without DDP)."""
     if dist.is_initialized():
+        gc.collect()
         try:
             if barrier:
                 dist.barrier()
