@@ -194,9 +194,12 @@ def test_split_batch_norm_normalizes_each_group_on_its_own():
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_split_batch_norm_equals_one_batch_norm_per_chunk_and_keeps_the_layout(layout):
+@pytest.mark.parametrize("size", [3, 23])
+def test_split_batch_norm_equals_one_batch_norm_per_chunk_and_keeps_the_layout(layout, size):
     """Outputs, gradients (input, weight, bias) and running statistics of a split BN equal those of
-    s separate BatchNorm2d layers (one per chunk, as on s GPUs) whose running statistics are averaged."""
+    s separate BatchNorm2d layers (one per chunk, as on s GPUs) whose running statistics are averaged.
+    23 px: each chunk has 2 x 23 x 23 >= 1024 positions, where a channels-last batch goes through
+    group-norm; 3 px and contiguous batches through one batch-norm per chunk."""
     torch.manual_seed(0)
     s, c = 4, 5
     bn = SplitBatchNorm2d(c, num_splits=s).double()
@@ -206,8 +209,8 @@ def test_split_batch_norm_equals_one_batch_norm_per_chunk_and_keeps_the_layout(l
     refs = [nn.BatchNorm2d(c).double() for _ in range(s)]
     for r in refs:
         r.load_state_dict({k: v for k, v in bn.state_dict().items()})
-    x = (torch.randn(8, c, 3, 3, dtype=torch.double) * 2 + 1).contiguous(memory_format=layout).requires_grad_()
-    w = torch.randn(8, c, 3, 3, dtype=torch.double)  # a random loss, so no gradient cancels out
+    x = (torch.randn(8, c, size, size, dtype=torch.double) * 2 + 1).contiguous(memory_format=layout).requires_grad_()
+    w = torch.randn(8, c, size, size, dtype=torch.double)  # a random loss, so no gradient cancels out
     y = bn(x)
     assert y.is_contiguous(memory_format=layout)
     gx, gw, gb = torch.autograd.grad((y * w).sum(), (x, bn.weight, bn.bias))
@@ -221,6 +224,45 @@ def test_split_batch_norm_equals_one_batch_norm_per_chunk_and_keeps_the_layout(l
     torch.testing.assert_close(bn.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
     torch.testing.assert_close(bn.running_var, torch.stack([r.running_var for r in refs]).mean(0))
     assert int(bn.num_batches_tracked) == 1
+
+
+def test_split_batch_norm_in_bf16_matches_batch_norm_per_chunk():
+    """bf16 channels-last activations (MoCo's default on a CPU with bf16) take the group-norm path: the
+    output agrees with per-chunk batch_norm to bf16 rounding, and the running statistics stay fp32."""
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(16, num_splits=4)
+    x = (torch.randn(16, 16, 23, 23) * 3 + 2).bfloat16().contiguous(memory_format=torch.channels_last)
+    y = bn(x)
+    ref = torch.cat([nn.functional.batch_norm(chunk, None, None, bn.weight, bn.bias, True) for chunk in x.chunk(4)])
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.float(), ref.float(), atol=0.02, rtol=0.01)
+    assert bn.running_mean.dtype == torch.float32
+    torch.testing.assert_close(bn.running_mean, 0.1 * x.float().mean((0, 2, 3)), atol=1e-4, rtol=1e-3)
+    for size in (3, 23):  # without weights, on both paths: still fp32 statistics
+        plain = SplitBatchNorm2d(16, num_splits=4, affine=False)
+        xs = x[..., :size, :size].contiguous(memory_format=torch.channels_last)
+        plain(xs)
+        torch.testing.assert_close(plain.running_mean, 0.1 * xs.float().mean((0, 2, 3)), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [3, 23])
+def test_split_batch_norm_output_takes_an_in_place_relu(size):
+    """conv-BN-ReLU(inplace=True), as in torchvision's ResNets and small_cnn's last block: the split BN's
+    output is modified in place on both paths, and the gradient is that of per-chunk batch-norm + ReLU."""
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(4, num_splits=2).double()
+    x = torch.randn(8, 4, size, size, dtype=torch.double).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(8, 4, size, size, dtype=torch.double)
+    (nn.ReLU(inplace=True)(bn(x)) * w).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = torch.cat([nn.functional.batch_norm(chunk, None, None, bn.weight, bn.bias, True) for chunk in x_ref.chunk(2)])
+    (torch.relu(y_ref) * w).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_split_batch_norm_refuses_one_value_per_channel():
+    with pytest.raises(UserError, match="one value per channel.*trainer.batch_size"):
+        SplitBatchNorm2d(4, num_splits=8)(torch.randn(8, 4, 1, 1))
 
 
 # ------------------------------------------------------------------------- training on digits
