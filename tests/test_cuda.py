@@ -17,6 +17,7 @@ from contrastive_cli.encoders import SmallCNN
 from contrastive_cli.engine import Precision, make_views, optimizer_step
 from contrastive_cli.evaluate import linear_probe
 from contrastive_cli.methods.simclr import SimCLR
+from contrastive_cli.momentum import SplitBatchNorm2d
 from contrastive_cli.optim import build_optimizer
 
 pytestmark = [pytest.mark.cuda,
@@ -52,6 +53,28 @@ def test_bf16_autocast_step_on_cuda_runs_the_convolutions_in_bf16_and_keeps_fp32
     assert all(p.dtype == torch.float32 for p in method.parameters())
     assert any(not torch.equal(before[k], v) for k, v in method.state_dict().items())
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_batch_norm_on_cuda_equals_batch_norm_per_chunk(dtype):
+    """MoCo's split BN on the GPU (one native_batch_norm.out per chunk; the group-norm path is CPU-only):
+    output, input and weight gradients as per-chunk batch_norm, fp32 statistics for bf16 activations."""
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(8, num_splits=4).cuda()
+    x = (torch.randn(16, 8, 12, 12, device="cuda") * 2 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(16, 8, 12, 12, device="cuda")
+    y = bn(x)
+    gx, gw = torch.autograd.grad((y.float() * w).sum(), (x, bn.weight))
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = torch.cat([F.batch_norm(c, None, None, bn.weight, bn.bias, True) for c in x_ref.chunk(4)])
+    gx_ref, gw_ref = torch.autograd.grad((y_ref.float() * w).sum(), (x_ref, bn.weight))
+    tol = {"atol": 2e-2, "rtol": 1e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(y.float(), y_ref.float(), **tol)
+    torch.testing.assert_close(gx.float(), gx_ref.float(), **tol)
+    # weight gradients sum over the batch in another order: fp32 to 1e-4, bf16 to its rounding
+    torch.testing.assert_close(gw, gw_ref, **({"atol": 0.05, "rtol": 1e-2} if tol else {"atol": 1e-4, "rtol": 1e-4}))
+    assert bn.running_mean.dtype == torch.float32 and torch.isfinite(bn.running_var).all()
 
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])
 def test_fused_optimizer_on_cuda_matches_the_unfused_step(name):
