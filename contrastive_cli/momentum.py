@@ -59,6 +59,7 @@ class _ChunkBatchNorm(torch.autograd.Function):
         if weight is None:  # fp32 ones: bf16/fp16 inputs then get fp32 statistics, as with an affine BN
             weight = x.new_ones(c, dtype=torch.promote_types(x.dtype, torch.float32))
         stat_dtype = weight.dtype  # ATen's: fp32 statistics for bf16/fp16 activations with fp32 weights
+        layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
         if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
                 and positions >= _GROUP_NORM_MIN_POSITIONS:
             # channels-last memory is (s, n/s, h, w, c): each chunk is one "sample" of a group-norm with one
@@ -72,7 +73,6 @@ class _ChunkBatchNorm(torch.autograd.Function):
             y = y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), y.shape, y.stride())
             mean, invstd = mean.view(s, c), invstd.view(s, c)
         else:
-            layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
             x = x.contiguous(memory_format=layout)
             y = torch.empty_like(x, memory_format=layout)
             mean, invstd = x.new_empty((s, c), dtype=stat_dtype), x.new_empty((s, c), dtype=stat_dtype)
@@ -80,7 +80,7 @@ class _ChunkBatchNorm(torch.autograd.Function):
                 torch.ops.aten.native_batch_norm.out(xi, weight, bias, None, None, True, 0.0, eps,
                                                      out=yi, save_mean=mean[i], save_invstd=invstd[i])
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.s, ctx.eps, ctx.has_bias = s, eps, bias is not None
+        ctx.s, ctx.eps, ctx.has_bias, ctx.layout = s, eps, bias is not None, layout
         var = (invstd.double().pow(-2) - eps).clamp_min(0).to(stat_dtype)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -88,8 +88,7 @@ class _ChunkBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor, _grad_mean, _grad_var):
         x, weight, mean, invstd = ctx.saved_tensors
-        layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
-        grad_y = grad_y.contiguous(memory_format=layout)
+        grad_y = grad_y.contiguous(memory_format=ctx.layout)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         parts = [torch.ops.aten.native_batch_norm_backward(gi, xi, weight, None, None, mi, vi, True, ctx.eps, mask)
                  for gi, xi, mi, vi in zip(grad_y.chunk(ctx.s), x.chunk(ctx.s), mean, invstd, strict=True)]
@@ -116,16 +115,16 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         n = x.shape[0]
         if n % s:
             raise UserError(f"batch of {n} does not split into method.bn_splits={s} equal chunks")
-        if n // s * x[0, 0].numel() == 1:
+        positions = n // s * x[0, 0].numel()
+        if positions == 1:
             raise UserError(f"batch of {n} in method.bn_splits={s} chunks of {n // s} image(s) at a {x.shape[2]}x"
                             f"{x.shape[3]} feature map: one value per channel, nothing to normalize; raise "
                             f"trainer.batch_size or lower method.bn_splits")
         y, mean, var = _ChunkBatchNorm.apply(x, self.weight, self.bias, s, self.eps)
         if self.track_running_stats:
-            positions = x[0, 0].numel() * (n // s)
             m = self.momentum if self.momentum is not None else 0.1
             with torch.no_grad():
-                unbiased = var.mean(0) * positions / max(positions - 1, 1)
+                unbiased = var.mean(0) * positions / (positions - 1)
                 self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), m)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
                 self.num_batches_tracked += 1
