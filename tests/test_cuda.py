@@ -54,7 +54,6 @@ def test_bf16_autocast_step_on_cuda_runs_the_convolutions_in_bf16_and_keeps_fp32
     assert any(not torch.equal(before[k], v) for k, v in method.state_dict().items())
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_batch_norm_on_cuda_equals_batch_norm_per_chunk(dtype):
     """MoCo's split BN on the GPU (one native_batch_norm.out per chunk; the group-norm path is CPU-only):
@@ -75,6 +74,7 @@ def test_split_batch_norm_on_cuda_equals_batch_norm_per_chunk(dtype):
     # weight gradients sum over the batch in another order: fp32 to 1e-4, bf16 to its rounding
     torch.testing.assert_close(gw, gw_ref, **({"atol": 0.05, "rtol": 1e-2} if tol else {"atol": 1e-4, "rtol": 1e-4}))
     assert bn.running_mean.dtype == torch.float32 and torch.isfinite(bn.running_var).all()
+
 
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])
 def test_fused_optimizer_on_cuda_matches_the_unfused_step(name):

@@ -226,6 +226,11 @@ def test_split_batch_norm_equals_one_batch_norm_per_chunk_and_keeps_the_layout(l
     assert int(bn.num_batches_tracked) == 1
 
 
+def _batch_norm_per_chunk(x, bn, s):
+    """The reference: one training-mode batch_norm per chunk with the split BN's affine parameters."""
+    return torch.cat([nn.functional.batch_norm(chunk, None, None, bn.weight, bn.bias, True) for chunk in x.chunk(s)])
+
+
 def test_split_batch_norm_in_bf16_matches_batch_norm_per_chunk():
     """bf16 channels-last activations (MoCo's default on a CPU with bf16) take the group-norm path: the
     output agrees with per-chunk batch_norm to bf16 rounding, and the running statistics stay fp32."""
@@ -233,7 +238,7 @@ def test_split_batch_norm_in_bf16_matches_batch_norm_per_chunk():
     bn = SplitBatchNorm2d(16, num_splits=4)
     x = (torch.randn(16, 16, 23, 23) * 3 + 2).bfloat16().contiguous(memory_format=torch.channels_last)
     y = bn(x)
-    ref = torch.cat([nn.functional.batch_norm(chunk, None, None, bn.weight, bn.bias, True) for chunk in x.chunk(4)])
+    ref = _batch_norm_per_chunk(x, bn, 4)
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y.float(), ref.float(), atol=0.02, rtol=0.01)
     assert bn.running_mean.dtype == torch.float32
@@ -255,7 +260,7 @@ def test_split_batch_norm_output_takes_an_in_place_relu(size):
     w = torch.randn(8, 4, size, size, dtype=torch.double)
     (nn.ReLU(inplace=True)(bn(x)) * w).sum().backward()
     x_ref = x.detach().clone().requires_grad_()
-    y_ref = torch.cat([nn.functional.batch_norm(chunk, None, None, bn.weight, bn.bias, True) for chunk in x_ref.chunk(2)])
+    y_ref = _batch_norm_per_chunk(x_ref, bn, 2)
     (torch.relu(y_ref) * w).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
 
